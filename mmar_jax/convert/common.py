@@ -1,0 +1,106 @@
+"""What every converter shares: safe reading of torch files, all-or-nothing outputs."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+import numpy as np
+
+
+class ConversionError(ValueError):
+  """A checkpoint that cannot be converted; the message names the tensor, key or file."""
+
+
+def load_state_dict(path: str, key: str | None = None) -> dict[str, np.ndarray]:
+  """A flat {name: numpy array} from a safetensors file or a torch checkpoint.
+
+  Torch files are read with `weights_only=True`; MAR's training checkpoints also pickle an
+  `argparse.Namespace`, which is the only extra type allowed. `key` selects a nested state dict
+  ("model", "model_ema"); without it, a checkpoint that holds one of those under "model" is unwrapped.
+  bf16 tensors are returned as ml_dtypes.bfloat16 arrays, bit for bit.
+  """
+  if not os.path.isfile(path):
+    raise ConversionError(f"checkpoint file not found: {path}")
+  if path.endswith(".safetensors"):
+    from mmar_jax.convert import safetensors_io
+    return safetensors_io.read_all(path)
+  import torch
+  with torch.serialization.safe_globals([argparse.Namespace]):
+    try:
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for bad files
+      raise ConversionError(f"cannot read {path} as a torch checkpoint: {e}") from e
+  if key is not None:
+    if not isinstance(obj, dict) or key not in obj:
+      found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+      raise ConversionError(f"{path} has no {key!r} entry (found: {found})")
+    obj = obj[key]
+  elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+    obj = obj["model"]
+  out = {}
+  for name, tensor in obj.items():
+    if not hasattr(tensor, "detach"):
+      continue
+    out[name] = torch_to_numpy(tensor)
+  return out
+
+
+def torch_to_numpy(tensor) -> np.ndarray:
+  """Exact conversion, bf16 included (numpy has no bf16: go through the raw bits)."""
+  import ml_dtypes
+  import torch
+  t = tensor.detach().cpu().contiguous()
+  if t.dtype == torch.bfloat16:
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return t.numpy()
+
+
+def numpy_to_torch(array: np.ndarray):
+  import ml_dtypes
+  import torch
+  a = np.ascontiguousarray(array)
+  if a.dtype == ml_dtypes.bfloat16:
+    return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+  return torch.from_numpy(a)
+
+
+@contextlib.contextmanager
+def atomic_output(out: str, overwrite: bool = False, is_dir: bool = True) -> Iterator[str]:
+  """Yields a temporary path beside `out`; renamed onto `out` only if the block succeeds.
+
+  An existing `out` is refused without `overwrite`; on any error nothing is left behind and an
+  existing `out` is untouched.
+  """
+  out = os.path.abspath(out)
+  if os.path.exists(out) and not overwrite:
+    raise ConversionError(f"output {out} exists; pass --overwrite to replace it")
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  base = os.path.basename(out)
+  if is_dir:
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+  else:
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", dir=parent)
+    os.close(fd)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True) if is_dir else _unlink(tmp)
+    raise
+  if os.path.exists(out):
+    old = f"{tmp}.old"
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else _unlink(old)
+  else:
+    os.rename(tmp, out)
+
+
+def _unlink(path):
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(path)

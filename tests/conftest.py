@@ -1,0 +1,35 @@
+"""Test session set-up: 8 simulated CPU devices and the persistent compilation cache.
+
+Both must be configured before JAX initialises its backend, so they live here, at import time.
+Subprocess tests inherit XLA_FLAGS and MMAR_JAX_CACHE through `subprocess_env()`.
+"""
+
+import os
+import re
+
+os.environ["XLA_FLAGS"] = (re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                  os.environ.get("XLA_FLAGS", "")) +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+CACHE_DIR = os.environ.setdefault(
+    "MMAR_JAX_CACHE", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def subprocess_env(**extra) -> dict:
+  env = dict(os.environ)
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+@pytest.fixture(scope="session")
+def cpu_devices():
+  devices = jax.devices()
+  assert len(devices) == 8, "tests expect 8 simulated CPU devices"
+  return devices
