@@ -1,0 +1,107 @@
+"""The base config every `configs/*.py` starts from: it declares every key a command may override.
+
+Keys whose default is "unset" are ml-collections placeholders (a None default could not be
+overridden from the command line).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from mmar_jax.parallel.sharding import DEFAULT_RULES
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.steps = 1000
+  c.mesh = "1,-1,1"  # data, fsdp, tensor; -1 = all remaining devices
+  c.mesh_dcn = "1,1,1"  # the same across slices (data parallel over DCN)
+  c.peak_flops = config_dict.placeholder(float)  # per-device dense peak, for MFU on unknown devices
+  c.text_tokenizer = "bytes"  # 'bytes' or a local HuggingFace tokenizer directory
+  c.sharding_rules = DEFAULT_RULES
+
+  c.model = m = ml_collections.ConfigDict()
+  m.backbone = b = ml_collections.ConfigDict()
+  b.vocab_size = 512
+  b.hidden_size = 64
+  b.num_layers = 2
+  b.num_heads = 4
+  b.num_kv_heads = 2
+  b.head_dim = 0  # 0: hidden_size // num_heads
+  b.intermediate_size = 128
+  b.rope_theta = 1e4
+  b.rms_norm_eps = 1e-6
+  b.tie_word_embeddings = True
+  m.compute_dtype = "bfloat16"  # bf16 compute over fp32 master weights
+  m.scan_layers = True
+  m.remat = "none"
+  m.attention = "xla"  # xla | cudnn
+
+  m.image = im = ml_collections.ConfigDict()
+  im.size = 16  # pixels (256 at full scale)
+  im.tokenizer = "patchify"  # patchify | vae
+  im.patch_size = 4  # pixels per token side (patchify) or latent pixels per token side (vae)
+  im.scale = 1.0  # token scale (0.2325 for MAR's KL-16)
+  im.vae = v = ml_collections.ConfigDict()
+  v.ch = 128
+  v.ch_mult = (1, 1, 2, 2, 4)
+  v.embed_dim = 16
+  im.positions = "shared"  # shared: the image block has one RoPE position; per_token
+  im.random_flip = True
+
+  m.vit = vit = ml_collections.ConfigDict()
+  vit.width = 64
+  vit.layers = 2
+  vit.heads = 4
+  vit.mlp_ratio = 4.0
+
+  m.head = h = ml_collections.ConfigDict()
+  h.width = 128
+  h.depth = 3
+  h.prediction = "v"  # v | eps | x0
+  h.learn_sigma = False
+  h.pos_embed = False  # MAR's learned position embedding added to z before the head
+  h.compute_dtype = "bfloat16"
+
+  m.max_text_len = 32  # text tokens per sample, EOS included
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.image_weight = 1.0
+  c.loss.text_weight = 1.0
+  c.loss.diffusion_batch_mul = 4
+  c.loss.caption_drop = 0.1
+  c.loss.mask_ratio = "stage1"  # stage1: truncnorm on [0.7, 1]; stage2: uniform on [0, 1]
+
+  c.train = t = ml_collections.ConfigDict()
+  t.batch_size = 8  # global
+  t.grad_accum = 1
+  t.lr = 1e-4  # new modules (ViT, projector, head, <boi>/<eoi> rows)
+  t.lr_backbone = 1e-5  # the (pretrained) LLM
+  t.warmup_steps = 100
+  t.schedule = "constant"  # constant | cosine
+  t.weight_decay = 0.02
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.grad_clip = 3.0
+  t.ema_decay = 0.9999
+  t.ema_warmup = True
+  t.freeze = ""  # comma list of top-level modules: backbone, vit, projector, head, image_tokenizer
+  t.log_every = 10
+  t.checkpoint_every = 500
+  t.keep_checkpoints = 3
+  t.check_finite = False  # chex finiteness checks inside the step (slow: host sync)
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "demo"
+  d.mix = "0.45,0.45,0.1"  # fractions of [text][img] P(I|T), [img][text] P(T|I), [img] P(I)
+  d.image_key = "image"
+  d.caption_key = "caption"
+  d.long_caption = "truncate"  # truncate | skip
+
+  c.init = ml_collections.ConfigDict()
+  c.init.backbone = config_dict.placeholder(str)
+  c.init.vae = config_dict.placeholder(str)
+  c.init.head = config_dict.placeholder(str)
+  return c

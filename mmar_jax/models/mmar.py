@@ -1,0 +1,198 @@
+"""The MMAR model: one Qwen2 decoder over text tokens and continuous image tokens, an EmbeddingViT
++ VisProjector feeding the image into the LLM, and a diffusion head on the LLM's image outputs.
+
+Training goes in two steps so gradient accumulation can average over the global batch:
+  `prepare` draws everything random for a batch (keyed per example) and needs no gradients;
+  `loss_sums` runs the model on (part of) a prepared batch and returns summed losses, which the
+  caller divides by the global counts from `prepare` (method.md §1.9: a term whose count is 0
+  contributes 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from mmar_jax.diffusion import parameterization, schedule
+from mmar_jax.models import sequence
+from mmar_jax.models.diffusion_head import DiffusionHead, HeadConfig
+from mmar_jax.models.image_tokenizer import make_image_tokenizer
+from mmar_jax.models.qwen2 import Qwen2, Qwen2Config
+from mmar_jax.models.vit import EmbeddingViT, VisProjector, ViTConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class MMARConfig:
+  backbone: Qwen2Config
+  vit: ViTConfig
+  head: HeadConfig
+  image: dict  # the config's model.image group (tokenizer kind, size, patch, scale, vae, positions)
+  max_text_len: int
+  boi_id: int
+  eoi_id: int
+  pad_id: int
+  eos_id: int
+  text_vocab: int  # len(text tokenizer): ids below it are the tokenizer's own
+
+  @property
+  def num_image_tokens(self) -> int:
+    return self.vit.num_tokens
+
+  @property
+  def seq_len(self) -> int:
+    return self.max_text_len + self.num_image_tokens + 2
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "MMARConfig":
+    d = dict(d)
+    d["backbone"] = Qwen2Config.from_dict(d["backbone"])
+    d["vit"] = ViTConfig(**d["vit"])
+    d["head"] = HeadConfig.from_dict(d["head"])
+    return cls(**d)
+
+
+def special_token_ids(vocab_size: int, text_vocab: int) -> tuple[int, int, int]:
+  """(<boi>, <eoi>, final vocab size), method.md §1.6: reuse the embedding's first two spare rows
+  (ids >= len(tokenizer)), or grow the embedding by two rows."""
+  if vocab_size >= text_vocab + 2:
+    return text_vocab, text_vocab + 1, vocab_size
+  return vocab_size, vocab_size + 1, vocab_size + 2
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer) -> MMARConfig:
+  """Resolves the config's `model` group and the text tokenizer into an MMARConfig."""
+  m = config.model
+  b = m.backbone
+  boi, eoi, vocab = special_token_ids(b.vocab_size, tokenizer.vocab_size)
+  backbone = Qwen2Config(
+      vocab_size=vocab, hidden_size=b.hidden_size, num_layers=b.num_layers, num_heads=b.num_heads,
+      num_kv_heads=b.num_kv_heads, head_dim=b.head_dim or None,
+      intermediate_size=b.intermediate_size, rope_theta=b.rope_theta, rms_norm_eps=b.rms_norm_eps,
+      tie_word_embeddings=b.tie_word_embeddings, compute_dtype=m.compute_dtype,
+      scan_layers=m.scan_layers, remat=m.remat, attention=m.attention)
+  image = m.image.to_dict()
+  tok = make_image_tokenizer(image)
+  vit = ViTConfig(token_channels=tok.token_channels, num_tokens=tok.num_tokens,
+                  width=m.vit.width, layers=m.vit.layers, heads=m.vit.heads,
+                  mlp_ratio=m.vit.mlp_ratio, scan_layers=m.scan_layers)
+  head = HeadConfig(token_channels=tok.token_channels, cond_dim=b.hidden_size, width=m.head.width,
+                    depth=m.head.depth, learn_sigma=m.head.learn_sigma,
+                    prediction=m.head.prediction, compute_dtype=m.head.compute_dtype,
+                    pos_embed_tokens=tok.num_tokens if m.head.pos_embed else 0)
+  return MMARConfig(backbone=backbone, vit=vit, head=head, image=image,
+                    max_text_len=m.max_text_len, boi_id=boi, eoi_id=eoi, pad_id=tokenizer.pad_id,
+                    eos_id=tokenizer.eos_id, text_vocab=tokenizer.vocab_size)
+
+
+class MMAR(nnx.Module):
+
+  def __init__(self, cfg: MMARConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.backbone = Qwen2(cfg.backbone, rngs=rngs)
+    self.vit = EmbeddingViT(cfg.vit, rngs=rngs)
+    self.projector = VisProjector(cfg.vit.width, cfg.backbone.hidden_size, rngs=rngs)
+    self.head = DiffusionHead(cfg.head, rngs=rngs)
+    self.image_tokenizer = make_image_tokenizer(cfg.image, rngs=rngs)
+
+  @property
+  def dtype(self):
+    return self.backbone.dtype
+
+  # -- pieces shared by training and sampling -----------------------------------------------------
+
+  def embed_image(self, tokens: jax.Array, masked: jax.Array) -> jax.Array:
+    """Image tokens [B, N, C] (masked positions replaced by the mask token) -> LLM inputs [B, N, d]."""
+    return self.projector(self.vit(tokens, masked, self.dtype), self.dtype)
+
+  def sequence_inputs(self, text, text_len, kind, image_embeds):
+    """The LLM's inputs for a mixed batch: embeddings, positions, ids, and the layout."""
+    cfg = self.cfg
+    lay = sequence.layout(kind, text_len, cfg.max_text_len, cfg.num_image_tokens,
+                          per_token_positions=cfg.image["positions"] == "per_token")
+    ids = sequence.token_ids(text, lay, cfg.boi_id, cfg.eoi_id, cfg.pad_id)
+    x = self.backbone.embed(jnp.maximum(ids, 0))
+    x = sequence.place_image(x, image_embeds, lay["image_pos"])
+    return x, ids, lay
+
+  # -- training -----------------------------------------------------------------------------------
+
+  def loss_sums(self, prep: dict) -> dict:
+    """Summed text cross-entropy and diffusion loss over a prepared (micro-)batch."""
+    cfg = self.cfg
+    image_embeds = self.embed_image(prep["tokens"], prep["masked"])
+    x, ids, lay = self.sequence_inputs(prep["text"], prep["text_len"], prep["kind"], image_embeds)
+    hidden, _ = self.backbone(x, lay["positions"], lay["segment_ids"], lay["block_ids"])
+    targets, weights = sequence.text_targets(ids, lay["segment_ids"], cfg.boi_id)
+    logits = self.backbone.logits(hidden)
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+    text_sum = jnp.sum(ce * weights)
+
+    z = sequence.gather_image(hidden, lay["image_pos"])  # [B, N, d]
+    mul = prep["t"].shape[-1]
+    b, n, c = prep["tokens"].shape
+    rep = lambda a: jnp.repeat(a.reshape(b * n, *a.shape[2:]), mul, axis=0)
+    per_token = parameterization.diffusion_loss(
+        lambda xt, t, zz: self.head(xt, t, zz),
+        x0=rep(prep["tokens"]), z=rep(z),
+        t=prep["t"].reshape(-1), noise=prep["noise"].reshape(b * n * mul, c),
+        prediction=cfg.head.prediction)
+    image_sum = jnp.sum(per_token * rep(prep["masked"].astype(jnp.float32)))
+    return dict(text_sum=text_sum, image_sum=image_sum)
+
+  def prepare(self, batch: dict, key: jax.Array, mask_ratio: jax.Array, caption_drop: float,
+              diffusion_batch_mul: int) -> dict:
+    """Every random draw of a training batch, keyed by (key, global example index)."""
+    cfg = self.cfg
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, batch["index"])
+    k_post, k_order, k_drop, k_t, k_noise = [jax.vmap(jax.random.fold_in, (0, None))(keys, i)
+                                            for i in range(5)]
+    tokens = self.image_tokenizer.tokens_for_training(batch, k_post)
+    tokens = jax.lax.stop_gradient(tokens.astype(jnp.float32))
+    b, n, c = tokens.shape
+    kind = batch["kind"].astype(jnp.int32)
+    drop = jax.vmap(lambda k: jax.random.bernoulli(k, caption_drop))(k_drop)
+    text_len = jnp.where((kind == sequence.TEXT_TO_IMAGE) & drop, 0, batch["text_len"])
+    masked = random_mask(k_order, n, mask_ratio) & (kind != sequence.IMAGE_TO_TEXT)[:, None]
+    t = jax.vmap(lambda k: jax.random.randint(k, (n, diffusion_batch_mul), 0, schedule.T))(k_t)
+    noise = jax.vmap(lambda k: jax.random.normal(k, (n, diffusion_batch_mul, c)))(k_noise)
+    lay = sequence.layout(kind, text_len, cfg.max_text_len, n)
+    ids = sequence.token_ids(batch["text"], lay, cfg.boi_id, cfg.eoi_id, cfg.pad_id)
+    _, weights = sequence.text_targets(ids, lay["segment_ids"], cfg.boi_id)
+    return dict(tokens=tokens, masked=masked, kind=kind, text=batch["text"], text_len=text_len,
+                t=t, noise=noise,
+                text_count=jnp.sum(weights),
+                image_count=jnp.sum(masked).astype(jnp.float32) * diffusion_batch_mul)
+
+
+def random_mask(keys: jax.Array, n: int, ratio: jax.Array) -> jax.Array:
+  """bool [B, n]: per sample a random order; the first ceil(n * ratio) positions are masked."""
+  num = jnp.ceil(n * ratio).astype(jnp.int32)
+  rank = jax.vmap(lambda k: jnp.argsort(jax.random.permutation(k, n)))(keys)
+  return rank < num
+
+
+def mask_ratio(key: jax.Array, kind: str) -> jax.Array:
+  """One ratio per global batch. stage1: MAR's truncated normal (mean 1, std 0.25) on [0.7, 1];
+  stage2: uniform on [0, 1]."""
+  if kind == "stage1":
+    lo, hi = (0.7 - 1.0) / 0.25, 0.0
+    return 1.0 + 0.25 * jax.random.truncated_normal(key, lo, hi)
+  if kind == "stage2":
+    return jax.random.uniform(key)
+  raise ValueError(f"unknown loss.mask_ratio {kind!r}; use stage1 or stage2")
+
+
+def combine(sums: dict, prep: dict, image_weight: float, text_weight: float):
+  """Global means from summed losses; a term with no tokens contributes 0 (not NaN)."""
+  loss_image = sums["image_sum"] / jnp.maximum(prep["image_count"], 1.0)
+  loss_text = sums["text_sum"] / jnp.maximum(prep["text_count"], 1.0)
+  return image_weight * loss_image + text_weight * loss_text, dict(loss_image=loss_image,
+                                                                  loss_text=loss_text)
+
