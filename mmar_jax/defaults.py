@@ -41,15 +41,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   m.image = im = ml_collections.ConfigDict()
   im.size = 16  # pixels (256 at full scale)
-  im.tokenizer = "patchify"  # patchify | vae
+  im.kind = "patchify"  # the image tokenizer: patchify | vae
   im.patch_size = 4  # pixels per token side (patchify) or latent pixels per token side (vae)
-  im.scale = 1.0  # token scale (0.2325 for MAR's KL-16)
+  im.scale = config_dict.placeholder(float)  # token scale; unset: 1 (patchify), 0.2325 (MAR's KL-16)
   im.vae = v = ml_collections.ConfigDict()
   v.ch = 128
   v.ch_mult = (1, 1, 2, 2, 4)
   v.embed_dim = 16
   im.positions = "shared"  # shared: the image block has one RoPE position; per_token
-  im.random_flip = True
 
   m.vit = vit = ml_collections.ConfigDict()
   vit.width = 64
@@ -99,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.image_key = "image"
   d.caption_key = "caption"
   d.long_caption = "truncate"  # truncate | skip
+  d.random_flip = True  # MAR's augmentation (off for data whose captions name left and right)
 
   c.init = ml_collections.ConfigDict()
   c.init.backbone = config_dict.placeholder(str)

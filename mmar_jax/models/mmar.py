@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,7 +21,7 @@ from flax import nnx
 from mmar_jax.diffusion import parameterization, schedule
 from mmar_jax.models import sequence
 from mmar_jax.models.diffusion_head import DiffusionHead, HeadConfig
-from mmar_jax.models.image_tokenizer import make_image_tokenizer
+from mmar_jax.models.image_tokenizer import make_image_tokenizer, sample_posterior, token_spec
 from mmar_jax.models.qwen2 import Qwen2, Qwen2Config
 from mmar_jax.models.vit import EmbeddingViT, VisProjector, ViTConfig
 
@@ -78,14 +79,18 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MMARConfig:
       tie_word_embeddings=b.tie_word_embeddings, compute_dtype=m.compute_dtype,
       scan_layers=m.scan_layers, remat=m.remat, attention=m.attention)
   image = m.image.to_dict()
-  tok = make_image_tokenizer(image)
-  vit = ViTConfig(token_channels=tok.token_channels, num_tokens=tok.num_tokens,
+  stride, channels = token_spec(image)
+  if image["size"] % stride:
+    raise ValueError(f"model.image.size {image['size']} is not a multiple of the tokenizer's "
+                     f"stride {stride}")
+  num_tokens = (image["size"] // stride) ** 2
+  vit = ViTConfig(token_channels=channels, num_tokens=num_tokens,
                   width=m.vit.width, layers=m.vit.layers, heads=m.vit.heads,
                   mlp_ratio=m.vit.mlp_ratio, scan_layers=m.scan_layers)
-  head = HeadConfig(token_channels=tok.token_channels, cond_dim=b.hidden_size, width=m.head.width,
+  head = HeadConfig(token_channels=channels, cond_dim=b.hidden_size, width=m.head.width,
                     depth=m.head.depth, learn_sigma=m.head.learn_sigma,
                     prediction=m.head.prediction, compute_dtype=m.head.compute_dtype,
-                    pos_embed_tokens=tok.num_tokens if m.head.pos_embed else 0)
+                    n_positions=num_tokens if m.head.pos_embed else 0)
   return MMARConfig(backbone=backbone, vit=vit, head=head, image=image,
                     max_text_len=m.max_text_len, boi_id=boi, eoi_id=eoi, pad_id=tokenizer.pad_id,
                     eos_id=tokenizer.eos_id, text_vocab=tokenizer.vocab_size)
@@ -123,6 +128,17 @@ class MMAR(nnx.Module):
 
   # -- training -----------------------------------------------------------------------------------
 
+  def training_tokens(self, batch: dict, keys: jax.Array) -> jax.Array:
+    """A posterior sample per example (keyed) of pixels encoded on the fly, or of the stored
+    posterior of `latents:` shards: the same keys give the same tokens either way."""
+    if "latent_mean" in batch:
+      mean, logvar = batch["latent_mean"], batch["latent_logvar"]
+    else:
+      mean, logvar = self.image_tokenizer.encode(batch["image"])
+    if logvar is None:
+      return mean.astype(jnp.float32)
+    return jax.vmap(sample_posterior)(mean, logvar, keys).astype(jnp.float32)
+
   def loss_sums(self, prep: dict) -> dict:
     """Summed text cross-entropy and diffusion loss over a prepared (micro-)batch."""
     cfg = self.cfg
@@ -135,32 +151,37 @@ class MMAR(nnx.Module):
     text_sum = jnp.sum(ce * weights)
 
     z = sequence.gather_image(hidden, lay["image_pos"])  # [B, N, d]
-    mul = prep["t"].shape[-1]
     b, n, c = prep["tokens"].shape
-    rep = lambda a: jnp.repeat(a.reshape(b * n, *a.shape[2:]), mul, axis=0)
-    per_token = parameterization.diffusion_loss(
-        lambda xt, t, zz: self.head(xt, t, zz),
-        x0=rep(prep["tokens"]), z=rep(z),
-        t=prep["t"].reshape(-1), noise=prep["noise"].reshape(b * n * mul, c),
-        prediction=cfg.head.prediction)
-    image_sum = jnp.sum(per_token * rep(prep["masked"].astype(jnp.float32)))
+    positions = jnp.tile(jnp.arange(n), b) if cfg.head.n_positions else None
+    # Draws are stored per example [B, N, mul]; the loss wants draw-major rows (d * B N + r).
+    draw_major = lambda a: jnp.moveaxis(a, 2, 0).reshape(-1, *a.shape[3:])
+    image_sum, _ = parameterization.diffusion_loss(
+        lambda xt, t, zz: self.head(xt, t, zz, None if positions is None else
+                                    jnp.tile(positions, prep["t"].shape[-1])),
+        prep["tokens"].reshape(b * n, c), z.reshape(b * n, -1), prep["masked"].reshape(b * n),
+        draw_major(prep["t"]), draw_major(prep["noise"]), prediction=cfg.head.prediction,
+        diffusion_batch_mul=prep["t"].shape[-1], expect_dtype=cfg.head.compute_dtype)
     return dict(text_sum=text_sum, image_sum=image_sum)
 
   def prepare(self, batch: dict, key: jax.Array, mask_ratio: jax.Array, caption_drop: float,
               diffusion_batch_mul: int) -> dict:
     """Every random draw of a training batch, keyed by (key, global example index)."""
     cfg = self.cfg
+    b = batch["index"].shape[0]
+    chex.assert_shape([batch["text"]], (b, cfg.max_text_len))
+    chex.assert_shape([batch["text_len"], batch["kind"]], (b,))
+    chex.assert_type([batch["text"], batch["text_len"], batch["kind"]], int)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, batch["index"])
     k_post, k_order, k_drop, k_t, k_noise = [jax.vmap(jax.random.fold_in, (0, None))(keys, i)
                                             for i in range(5)]
-    tokens = self.image_tokenizer.tokens_for_training(batch, k_post)
-    tokens = jax.lax.stop_gradient(tokens.astype(jnp.float32))
-    b, n, c = tokens.shape
+    tokens = jax.lax.stop_gradient(self.training_tokens(batch, k_post))
+    chex.assert_shape(tokens, (b, cfg.num_image_tokens, cfg.vit.token_channels))
+    _, n, c = tokens.shape
     kind = batch["kind"].astype(jnp.int32)
     drop = jax.vmap(lambda k: jax.random.bernoulli(k, caption_drop))(k_drop)
     text_len = jnp.where((kind == sequence.TEXT_TO_IMAGE) & drop, 0, batch["text_len"])
     masked = random_mask(k_order, n, mask_ratio) & (kind != sequence.IMAGE_TO_TEXT)[:, None]
-    t = jax.vmap(lambda k: jax.random.randint(k, (n, diffusion_batch_mul), 0, schedule.T))(k_t)
+    t = jax.vmap(lambda k: jax.random.randint(k, (n, diffusion_batch_mul), 0, schedule.NUM_TIMESTEPS))(k_t)
     noise = jax.vmap(lambda k: jax.random.normal(k, (n, diffusion_batch_mul, c)))(k_noise)
     lay = sequence.layout(kind, text_len, cfg.max_text_len, n)
     ids = sequence.token_ids(batch["text"], lay, cfg.boi_id, cfg.eoi_id, cfg.pad_id)

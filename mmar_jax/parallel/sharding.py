@@ -111,18 +111,6 @@ def spec_for(shape: Sequence[int], names: Sequence[str | None] | None, mesh, rul
   return P(*[None if not d else (d[0] if len(d) == 1 else tuple(d)) for d in dims])
 
 
-def state_specs(abstract_state, mesh, rules=None):
-  """PartitionSpecs for an nnx.State (or any tree of nnx Variables) of abstract arrays."""
-  from flax import nnx
-
-  def one(var):
-    names = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
-    value = var[...] if isinstance(var, nnx.Variable) else var
-    return spec_for(value.shape, names, mesh, rules)
-
-  return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def named(mesh: Mesh, spec_tree):
   return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree,
                       is_leaf=lambda x: isinstance(x, P))
@@ -134,3 +122,25 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   if mesh is None or mesh.empty or mesh.size == 1:
     return x
   return jax.lax.with_sharding_constraint(x, spec_for(x.shape, names, mesh, fsdp_fallback=False))
+
+
+def map_variables(fn, state) -> dict:
+  """fn(path, variable) for every nnx Variable of `state`, as a pure nested dict shaped like
+  `state.to_pure_dict()` (so it lines up with params, gradients and optimizer state)."""
+  out: dict = {}
+  for path, var in state.flat_state():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = fn(tuple(path), var)
+  return out
+
+
+def logical_names(var) -> tuple:
+  return tuple(var.get_metadata().get("out_sharding") or (None,) * var.get_value().ndim)
+
+
+def param_specs(abstract_state, mesh, rules=None) -> dict:
+  """Pure dict of PartitionSpecs for the parameters of an abstract nnx.State."""
+  return map_variables(lambda _, v: spec_for(v.get_value().shape, logical_names(v), mesh, rules),
+                       abstract_state)

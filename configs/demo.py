@@ -1,0 +1,35 @@
+"""The main job on the built-in shapes data: a small MMAR that learns to draw and to describe
+coloured shapes on a laptop CPU (README's first command)."""
+
+from mmar_jax.defaults import base_config
+
+
+def get_config(arg=None):
+  del arg
+  c = base_config()
+  c.steps = 1500
+  c.mesh = "1,1,1"
+  c.model.compute_dtype = "float32"  # XLA:CPU is no faster in bf16
+  c.model.head.compute_dtype = "float32"
+  c.model.image.size = 16
+  c.model.image.patch_size = 4
+  c.model.backbone.hidden_size = 128
+  c.model.backbone.num_layers = 3
+  c.model.backbone.num_heads = 4
+  c.model.backbone.num_kv_heads = 2
+  c.model.backbone.intermediate_size = 256
+  c.model.vit.width = 64
+  c.model.vit.layers = 2
+  c.model.head.width = 128
+  c.model.head.depth = 3
+  c.model.max_text_len = 40
+  c.loss.mask_ratio = "stage2"
+  c.train.batch_size = 32
+  c.train.lr = 1e-3
+  c.train.lr_backbone = 1e-3
+  c.train.warmup_steps = 50
+  c.train.schedule = "cosine"
+  c.train.log_every = 25
+  c.train.checkpoint_every = 250
+  c.data.random_flip = False  # captions name left and right
+  return c

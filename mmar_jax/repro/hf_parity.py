@@ -1,0 +1,196 @@
+"""`repro hf-parity`: the JAX backbone against the PyTorch model of the same HF directory.
+
+The directory is converted with `hf_to_jax` (the stored output is what is checked, not an
+in-memory shortcut), both models run in fp32 on one deterministic prompt, and three numbers are
+compared with tolerances: max |logit difference|, mean KL(torch || jax) over positions, and the
+fraction of positions whose argmax agrees. Without --hf a tiny random fp32 Qwen2 is built first,
+so the check runs anywhere without downloads.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from typing import Callable
+
+import numpy as np
+
+from mmar_jax.convert.common import ConversionError
+
+
+def make_tiny_hf_checkpoint(out: str, *, vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2,
+                            num_heads: int = 4, num_kv_heads: int = 2, head_dim: int | None = None,
+                            intermediate_size: int = 128, rope_theta: float = 1e4,
+                            tie_word_embeddings: bool = False, dtype: str = "float32", seed: int = 0,
+                            init_std: float = 0.02, max_shard_size: str | None = None,
+                            rms_norm_eps: float = 1e-6) -> str:
+  """A random `Qwen2ForCausalLM` saved with `save_pretrained` (real HF layout, offline).
+
+  Biases and norm weights are randomised too (HF initialises them to 0 / 1), so a converter
+  that dropped or swapped them would show up in the logits.
+  """
+  import torch
+  from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
+  from transformers.utils import logging as hf_logging
+  hf_logging.disable_progress_bar()
+  torch.manual_seed(seed)
+  kw = dict(head_dim=head_dim) if head_dim is not None else {}
+  hc = HFConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                intermediate_size=intermediate_size, rope_theta=rope_theta, rms_norm_eps=rms_norm_eps,
+                tie_word_embeddings=tie_word_embeddings, initializer_range=init_std, **kw)
+  model = Qwen2ForCausalLM(hc).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("bias"):
+        p.normal_(0.0, init_std)
+      elif "norm" in name:
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+  model = model.to(getattr(torch, dtype))
+  kwargs = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
+  model.save_pretrained(out, **kwargs)
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_fn():
+  import jax
+  from flax import nnx
+
+  from mmar_jax.models.qwen2 import text_structure
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def forward(graphdef, state, ids, mask):
+    model = nnx.merge(graphdef, state)
+    positions, segments, blocks = text_structure(mask)
+    hidden, _ = model(model.embed(ids), positions, segments, blocks)
+    return model.logits(hidden)
+
+  return forward
+
+
+def jax_logits(model, ids, attention_mask=None) -> np.ndarray:
+  """fp32 logits [B, T, V] of a Qwen2 module on (left-padded) token ids [B, T]."""
+  import jax.numpy as jnp
+  from flax import nnx
+  ids = jnp.asarray(ids, jnp.int32)
+  mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+  graphdef, state = nnx.split(model)
+  return np.asarray(_forward_fn()(graphdef, state, ids, mask))
+
+
+def torch_logits(model, ids, attention_mask=None) -> np.ndarray:
+  import torch
+  ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+  mask = positions = None
+  if attention_mask is not None:
+    mask = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
+    # Positions count real tokens (as `generate` does for left padding), matching text_structure.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+  with torch.no_grad():
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float().numpy()
+
+
+def load_torch_model(hf_dir: str):
+  """fp32 `Qwen2ForCausalLM`; refuses a load that random-initialised or dropped tensors."""
+  import torch
+  from transformers import Qwen2ForCausalLM
+  from transformers.utils import logging as hf_logging
+  hf_logging.disable_progress_bar()
+  model, info = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
+  bad = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+  if bad or info.get("error_msgs"):
+    raise ConversionError(f"transformers loaded {hf_dir} with problems: {bad or info['error_msgs']}")
+  return model.eval()
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray, chunk: int = 64) -> dict:
+  """max |diff|, mean KL(ref || got) over rows, argmax agreement; rows = all leading axes."""
+  ref = ref.reshape(-1, ref.shape[-1])
+  got = got.reshape(-1, got.shape[-1])
+  max_abs, kl_sum, agree = 0.0, 0.0, 0
+  for s in range(0, ref.shape[0], chunk):  # float64 in chunks: full-vocab rows are large
+    r = ref[s:s + chunk].astype(np.float64)
+    g = got[s:s + chunk].astype(np.float64)
+    max_abs = max(max_abs, float(np.abs(r - g).max()))
+    lr, lg = _log_softmax(r), _log_softmax(g)
+    kl_sum += float((np.exp(lr) * (lr - lg)).sum())
+    agree += int((r.argmax(-1) == g.argmax(-1)).sum())
+  n = ref.shape[0]
+  return dict(max_abs_diff=max_abs, mean_kl=kl_sum / n, argmax_agree=agree / n)
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def default_prompt(vocab_size: int, seq_len: int) -> np.ndarray:
+  return np.random.RandomState(0).randint(0, vocab_size, size=seq_len).astype(np.int32)
+
+
+def _load_prompt(path: str, vocab_size: int) -> np.ndarray:
+  if not os.path.isfile(path):
+    raise ConversionError(f"--prompt-ids file not found: {path}")
+  ids = np.load(path)
+  if ids.ndim == 2 and ids.shape[0] == 1:
+    ids = ids[0]
+  if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or ids.size == 0:
+    raise ConversionError(f"{path}: expected a 1-D integer array of token ids, got {ids.dtype} {list(ids.shape)}")
+  if ids.min() < 0 or ids.max() >= vocab_size:
+    raise ConversionError(f"{path}: token ids must lie in [0, {vocab_size}), found [{ids.min()}, {ids.max()}]")
+  return ids.astype(np.int32)
+
+
+def check_hf_parity(hf_dir: str | None = None, *, prompt_ids: str | np.ndarray | None = None,
+                    seq_len: int = 576, atol: float = 1e-4, max_kl: float = 1e-6, min_argmax: float = 0.999,
+                    dump_logits: str | None = None, perturb: Callable[[dict], dict] | None = None,
+                    log: Callable[[str], None] = print) -> dict:
+  """Runs the check; returns dict(max_abs_diff, mean_kl, argmax_agree, passed, seq_len).
+
+  `perturb` edits the converted JAX params before the JAX run (to test that the check fails).
+  """
+  from mmar_jax.convert import hf
+  from mmar_jax.convert.params_io import load_params
+  with tempfile.TemporaryDirectory(prefix="mmar_hf_parity_") as tmp:
+    if hf_dir is None:
+      hf_dir = make_tiny_hf_checkpoint(os.path.join(tmp, "hf"))
+      log("no --hf: built a tiny random fp32 Qwen2")
+    jax_dir = os.path.join(tmp, "jax")
+    hf.hf_to_jax(hf_dir, jax_dir)
+    cfg, _ = hf.read_model_config(jax_dir)
+    params = load_params(jax_dir)
+    torch_model = load_torch_model(hf_dir)
+  if perturb is not None:
+    params = perturb(params)
+  cfg = cfg.replace(param_dtype="float32", compute_dtype="float32")
+  if prompt_ids is None:
+    ids = default_prompt(cfg.vocab_size, seq_len)
+  elif isinstance(prompt_ids, str):
+    ids = _load_prompt(prompt_ids, cfg.vocab_size)
+  else:
+    ids = np.asarray(prompt_ids, np.int32).reshape(-1)
+  log(f"prompt: {ids.size} tokens; model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+      f"vocab {cfg.vocab_size}")
+  ref = torch_logits(torch_model, ids[None])[0]
+  del torch_model
+  got = jax_logits(hf.qwen2_from_params(cfg, params), ids[None])[0]
+  del params
+  if dump_logits:
+    np.save(dump_logits, got.astype(np.float32))
+  result = compare_logits(ref, got)
+  result["passed"] = bool(result["max_abs_diff"] <= atol and result["mean_kl"] <= max_kl
+                          and result["argmax_agree"] >= min_argmax)
+  result["seq_len"] = int(ids.size)
+  log(f"max |logit diff| {result['max_abs_diff']:.3e} (atol {atol:g})")
+  log(f"mean KL(torch||jax) {result['mean_kl']:.3e} (max {max_kl:g})")
+  log(f"argmax agreement {result['argmax_agree']:.4f} (min {min_argmax:g})")
+  log("hf-parity: PASS" if result["passed"] else "hf-parity: FAIL")
+  return result
+
+
+def cli_hf_parity(args) -> int:
+  result = check_hf_parity(args.hf, prompt_ids=args.prompt_ids, seq_len=args.seq_len, atol=args.atol,
+                           max_kl=args.max_kl, min_argmax=args.min_argmax, dump_logits=args.dump_logits)
+  return 0 if result["passed"] else 1

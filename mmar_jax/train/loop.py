@@ -1,0 +1,234 @@
+"""`mmar-jax train`: the training loop, its workdir, resuming and preemption.
+
+Resuming (design.md): the base config is WORKDIR/config.json, then `--config CFG` if given, then
+the `--config.key=value` overrides; keys that change the model's shapes must match the stored ones.
+`step` counts completed updates; checkpoints/<s>/ holds the state after s updates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from mmar_jax import config as config_lib
+from mmar_jax.defaults import base_config
+
+log = logging.getLogger("mmar_jax.train")
+
+# Keys whose change alters parameter shapes: refused on resume.
+SHAPE_KEYS = ("model.backbone.", "model.vit.", "model.head.width", "model.head.depth",
+              "model.head.learn_sigma", "model.head.pos_embed", "model.image.size",
+              "model.image.kind", "model.image.patch_size", "model.image.vae.", "model.max_text_len",
+              "text_tokenizer")
+
+
+def resolve_config(workdir, config_spec: str | None, overrides) -> ml_collections.ConfigDict:
+  stored_path = epath.Path(workdir) / "config.json"
+  if stored_path.exists():
+    stored = json.loads(stored_path.read_text())
+    cfg = base_config()
+    cfg.update(_tuples(stored))
+    if config_spec:
+      given = config_lib.load_file(config_spec)
+      _check_shapes(config_lib.to_dict(cfg), config_lib.to_dict(given), f"{config_spec}")
+      cfg = given
+  elif config_spec:
+    cfg = config_lib.load_file(config_spec)
+  else:
+    raise config_lib.ConfigError(f"{workdir} has no config.json: pass --config")
+  before = config_lib.to_dict(cfg)
+  config_lib.apply_overrides(cfg, overrides)
+  if stored_path.exists():
+    _check_shapes(before, config_lib.to_dict(cfg), "--config overrides")
+  return cfg
+
+
+def _tuples(d):
+  """JSON lists back to tuples (ConfigDict fields declared as tuples refuse lists)."""
+  if isinstance(d, dict):
+    return {k: _tuples(v) for k, v in d.items()}
+  if isinstance(d, list):
+    return tuple(_tuples(v) for v in d)
+  return d
+
+
+def _check_shapes(old: dict, new: dict, what: str):
+  a, b = config_lib.flatten(old), config_lib.flatten(new)
+  differ = sorted(k for k in set(a) | set(b)
+                  if any(k.startswith(p) or k == p for p in SHAPE_KEYS) and a.get(k) != b.get(k))
+  if differ:
+    raise config_lib.ConfigError(
+        f"{what} changes keys that set the model's shapes, which must match the stored run: "
+        + ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in differ))
+
+
+class Preemption:
+  """SIGTERM (a preemption notice) sets a flag checked every step; with several processes all
+  agree on the step through JAX's preemption sync point."""
+
+  def __init__(self):
+    self.flag = False
+    self.multi = jax.process_count() > 1
+    if not self.multi:
+      signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, *_):
+    self.flag = True
+
+  def reached(self, step: int) -> bool:
+    if self.multi:
+      from jax.experimental import multihost_utils
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    return self.flag
+
+
+def setup(config, workdir):
+  """Tokenizer, model config, mesh and trainer for a run (shared by train, eval and sampling)."""
+  from mmar_jax.data.text_tokenizer import load_text_tokenizer
+  from mmar_jax.models.mmar import model_config
+  from mmar_jax.parallel.mesh import make_mesh
+  from mmar_jax.train.step import build
+  tok_dir = epath.Path(workdir) / "tokenizer"
+  tokenizer = load_text_tokenizer(str(tok_dir) if tok_dir.exists() else config.text_tokenizer)
+  mcfg = model_config(config, tokenizer)
+  mesh = make_mesh(config.mesh, config.mesh_dcn)
+  return tokenizer, mcfg, build(config, mcfg, mesh)
+
+
+def make_source(config, split: str = "train"):
+  source = config.data.source
+  if source == "demo":
+    from mmar_jax.data.shapes import ShapesDataset, ShapesSpec
+    return ShapesDataset(ShapesSpec(image_size=config.model.image.size, seed=config.seed), split=split)
+  raise config_lib.ConfigError(f"unknown data.source {source!r}")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None,
+          progress: bool = True, inject_nonfinite_at: int | None = None) -> dict:
+  """Trains until `config.steps` (or `stop_at`); returns the final state. Resumes from the latest
+  checkpoint in `workdir`."""
+  from mmar_jax.data.pipeline import Batcher, global_batch
+  from mmar_jax.train import flops as flops_lib
+  from mmar_jax.train.checkpoint import Checkpointer
+  from mmar_jax.train.metrics import MetricsWriter, environment, peak_flops
+  from mmar_jax.train.step import abstract_train_state, init_state, make_train_step
+
+  wd = epath.Path(workdir)
+  wd.mkdir(parents=True, exist_ok=True)
+  _refuse_cpu_mesh(config)
+  tokenizer, mcfg, tr = setup(config, workdir)
+  if jax.process_index() == 0:
+    (wd / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    (wd / "env.json").write_text(json.dumps(environment(), indent=2, sort_keys=True) + "\n")
+    if not (wd / "tokenizer").exists():
+      tokenizer.save(str(wd / "tokenizer"))
+    (wd / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=2, sort_keys=True) + "\n")
+
+  ckpt = Checkpointer(wd, keep=config.train.keep_checkpoints, save_every=config.train.checkpoint_every)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, _ = ckpt.restore(latest, abstract_train_state(tr))
+  else:
+    state = init_state(tr)
+    state = load_pretrained(config, tr, state)
+  start = int(jax.device_get(state["step"]))
+  total = int(config.steps if stop_at is None else min(stop_at, config.steps))
+  if start >= total:
+    log.info("step %d already reached %d: nothing to do", start, total)
+    ckpt.close()
+    return state
+
+  batcher = Batcher(make_source(config), tokenizer, batch_size=config.train.batch_size,
+                    max_text_len=mcfg.max_text_len, seed=config.seed, mix=config.data.mix,
+                    random_flip=config.data.random_flip, long_caption=config.data.long_caption,
+                    process_index=jax.process_index(), process_count=jax.process_count())
+  step_fn = make_train_step(tr)
+  bad_step_fn = make_train_step(tr, inject_nonfinite=True) if inject_nonfinite_at is not None else None
+  writer = MetricsWriter(wd)
+  preempt = Preemption()
+  flops_per_step = flops_lib.train_step_flops(mcfg, config)
+  peak = peak_flops(override=config.peak_flops)
+  bar = _progress(total, start, progress and jax.process_index() == 0)
+  meta = lambda s: dict(step=s, data_position=s * config.train.batch_size,
+                        batch_size=config.train.batch_size)
+  nxt = global_batch(batcher, start, tr.batch_sharding)
+  t_last, last_logged = time.perf_counter(), start
+  for step in range(start, total):
+    batch = nxt
+    fn = bad_step_fn if step == inject_nonfinite_at else step_fn
+    state, metrics = fn(state, batch)
+    if step + 1 < total:  # build the next batch while the device works
+      nxt = global_batch(batcher, step + 1, tr.batch_sharding)
+    done = step + 1
+    if done % config.train.log_every == 0 or done == start + 1 or done == total:
+      metrics = jax.device_get(metrics)
+      now = time.perf_counter()
+      step_time = (now - t_last) / max(done - last_logged, 1)
+      t_last, last_logged = now, done
+      tokens = float(np.sum(jax.device_get(batch["text_len"]))) + config.train.batch_size * (mcfg.num_image_tokens + 2)
+      record = {k: float(v) for k, v in metrics.items()}
+      record.update(step=done, skipped_steps=int(metrics["skipped_steps"]), step_time_s=step_time,
+                    tokens_per_s=tokens / step_time,
+                    mfu=(flops_per_step / step_time / (peak * jax.device_count())) if peak else None,
+                    data_skipped=batcher.counters.skipped, data_truncated=batcher.counters.truncated)
+      writer.write(record)
+      line = (f"step {done}/{total} loss {record['loss']:.4f} text {record['loss_text']:.4f} "
+              f"image {record['loss_image']:.4f} grad_norm {record['grad_norm']:.3f} "
+              f"lr {record['lr']:.2e} {step_time:.3f}s/step")
+      bar.write(line) if bar else print(line, flush=True)
+    if bar:
+      bar.update(1)
+    if preempt.reached(done):
+      ckpt.save(done, state, meta(done), force=True)
+      ckpt.close()
+      log.warning("preemption notice: saved step %d and stopping", done)
+      writer.close()
+      raise SystemExit(0)
+    ckpt.save(done, state, meta(done), force=(done == total))
+  ckpt.close()
+  writer.close()
+  if bar:
+    bar.close()
+  return state
+
+
+def _progress(total, start, enabled):
+  if not enabled:
+    return None
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
+              mininterval=1.0)
+
+
+def _refuse_cpu_mesh(config):
+  """A multi-device mesh on a CPU backend means jax[tpu]/jax[cuda] is missing, unless simulated
+  devices were asked for (XLA_FLAGS device count)."""
+  import os
+  if jax.default_backend() == "cpu" and jax.device_count() > 1:
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+      raise config_lib.ConfigError("several CPU devices without --cpu-devices: is the accelerator "
+                                   "build of jax installed?")
+
+
+def load_pretrained(config, tr, state):
+  """`init.backbone` / `init.vae` / `init.head` into the freshly initialised state."""
+  from mmar_jax.train import init_from
+  return init_from.apply(config, tr, state)
+
+
+def cli_train(args) -> int:
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  for noisy in ("absl", "orbax", "jax._src"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  config = resolve_config(args.workdir, args.config, args.config_overrides)
+  train(config, args.workdir)
+  return 0
+
