@@ -33,3 +33,36 @@ def cpu_devices():
   devices = jax.devices()
   assert len(devices) == 8, "tests expect 8 simulated CPU devices"
   return devices
+
+
+# -- the one tiny model family shared by the model, train and sampling tests ------------------------
+
+TINY = "configs/tiny.py"
+
+
+def tiny_config(*overrides: tuple[str, str]):
+  from mmar_jax.config import apply_overrides, load_file
+  return apply_overrides(load_file(os.path.join(ROOT, TINY)), overrides)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def bytes_tokenizer():
+  from mmar_jax.data.text_tokenizer import load_text_tokenizer
+  return load_text_tokenizer("bytes")
+
+
+@pytest.fixture(scope="session")
+def tiny_mcfg(bytes_tokenizer):
+  from mmar_jax.models.mmar import model_config
+  return model_config(tiny_config(), bytes_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def demo_batcher(bytes_tokenizer, tiny_mcfg):
+  from mmar_jax.data.pipeline import Batcher
+  from mmar_jax.data.shapes import ShapesDataset, ShapesSpec
+  return Batcher(ShapesDataset(ShapesSpec(image_size=16)), bytes_tokenizer, batch_size=8,
+                 max_text_len=tiny_mcfg.max_text_len, seed=0, mix="0.45,0.45,0.1")

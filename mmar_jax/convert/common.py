@@ -63,7 +63,7 @@ def torch_to_numpy(tensor) -> np.ndarray:
 def numpy_to_torch(array: np.ndarray):
   import ml_dtypes
   import torch
-  a = np.ascontiguousarray(array)
+  a = np.ascontiguousarray(array).reshape(np.shape(array))  # ascontiguousarray makes 0-d 1-d
   if a.dtype == ml_dtypes.bfloat16:
     return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
   return torch.from_numpy(a)
@@ -84,6 +84,9 @@ def atomic_output(out: str, overwrite: bool = False, is_dir: bool = True) -> Ite
   base = os.path.basename(out)
   if is_dir:
     tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700: outputs must be readable like any mkdir
   else:
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", dir=parent)
     os.close(fd)

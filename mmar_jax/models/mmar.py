@@ -90,6 +90,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MMARConfig:
   head = HeadConfig(token_channels=channels, cond_dim=b.hidden_size, width=m.head.width,
                     depth=m.head.depth, learn_sigma=m.head.learn_sigma,
                     prediction=m.head.prediction, compute_dtype=m.head.compute_dtype,
+                    scan_layers=m.scan_layers,
                     n_positions=num_tokens if m.head.pos_embed else 0)
   return MMARConfig(backbone=backbone, vit=vit, head=head, image=image,
                     max_text_len=m.max_text_len, boi_id=boi, eoi_id=eoi, pad_id=tokenizer.pad_id,

@@ -112,7 +112,7 @@ def make_source(config, split: str = "train"):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None,
-          progress: bool = True, inject_nonfinite_at: int | None = None) -> dict:
+          progress: bool = True) -> dict:
   """Trains until `config.steps` (or `stop_at`); returns the final state. Resumes from the latest
   checkpoint in `workdir`."""
   from mmar_jax.data.pipeline import Batcher, global_batch
@@ -151,7 +151,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
                     random_flip=config.data.random_flip, long_caption=config.data.long_caption,
                     process_index=jax.process_index(), process_count=jax.process_count())
   step_fn = make_train_step(tr)
-  bad_step_fn = make_train_step(tr, inject_nonfinite=True) if inject_nonfinite_at is not None else None
   writer = MetricsWriter(wd)
   preempt = Preemption()
   flops_per_step = flops_lib.train_step_flops(mcfg, config)
@@ -163,8 +162,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   t_last, last_logged = time.perf_counter(), start
   for step in range(start, total):
     batch = nxt
-    fn = bad_step_fn if step == inject_nonfinite_at else step_fn
-    state, metrics = fn(state, batch)
+    state, metrics = step_fn(state, batch)
     if step + 1 < total:  # build the next batch while the device works
       nxt = global_batch(batcher, step + 1, tr.batch_sharding)
     done = step + 1

@@ -91,7 +91,7 @@ def _split_micro(tree, accum: int):
   return jax.tree.map(lambda a: a.reshape(accum, a.shape[0] // accum, *a.shape[1:]), tree)
 
 
-def make_train_step(tr: Trainer, inject_nonfinite: bool = False):
+def make_train_step(tr: Trainer):
   """A jitted (state, batch) -> (state, metrics); the state buffers are donated."""
   cfg = tr.config
   accum = int(cfg.train.grad_accum)
@@ -122,8 +122,6 @@ def make_train_step(tr: Trainer, inject_nonfinite: bool = False):
                                                             "loss_text": jnp.zeros([])},
                                             state["params"]))
       (loss, parts, grads), _ = jax.lax.scan(body, zeros, _split_micro(prep, accum))
-    if inject_nonfinite:  # test hook: a NaN gradient must be skipped, never applied
-      grads = jax.tree.map(lambda g: g * jnp.nan, grads)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(grad_norm)
     updates, new_opt = tr.tx.update(grads, state["opt_state"], state["params"])
