@@ -157,15 +157,31 @@ def encode_prompts(tokenizer, prompts: Sequence[str | None], max_text_len: int):
 
 # -- the program -----------------------------------------------------------------------------------
 
-def _split_model(model):
+def split_model(model):
   """An MMAR module or (graphdef, state) -> (graphdef, state)."""
   if isinstance(model, tuple):
     return model
   return nnx.split(model)
 
 
+class StaticGraph:
+  """A graphdef as a jit static argument. MMAR's graphdef is not hashable (MMARConfig holds the
+  `image` dict), so this hashes its repr, which spells out every static value, and compares the
+  graphdefs themselves: equal models share one compiled program."""
+
+  def __init__(self, graphdef):
+    self.graphdef = graphdef
+    self._hash = hash(repr(graphdef))
+
+  def __hash__(self):
+    return self._hash
+
+  def __eq__(self, other):
+    return isinstance(other, StaticGraph) and self.graphdef == other.graphdef
+
+
 def model_config_of(model):
-  """The MMARConfig of a module or of (graphdef, state) (merging builds no arrays)."""
+  """The MMARConfig of a module or of (graphdef, state) (merging copies no arrays)."""
   if isinstance(model, tuple):
     return nnx.merge(*model).cfg
   return model.cfg
@@ -173,7 +189,7 @@ def model_config_of(model):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
 def _generate(graphdef, state, text, text_len, key, cfg, temperature, *, plan: Plan):
-  model = nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef.graphdef, state)
   mc = model.cfg
   b, lt = text.shape
   n, c = mc.num_image_tokens, mc.vit.token_channels
@@ -248,27 +264,27 @@ def generate_tokens(model, text, text_len, key, *, ar_steps: int = 64, diffusion
   `model`: an MMAR module or (graphdef, state). Guidance (one doubled batch [cond; uncond]) is on
   when cfg != 1 unless `guidance` says otherwise; cfg and temperature are traced (no recompile).
   """
-  graphdef, state = _split_model(model)
+  graphdef, state = split_model(model)
   if guidance is None:
     guidance = float(cfg) != 1.0
   plan = Plan(ar_steps=int(ar_steps), diffusion_steps=int(diffusion_steps), sampler=sampler,
               cfg_schedule=cfg_schedule, guidance=bool(guidance))
-  return _generate(graphdef, state, jnp.asarray(text, jnp.int32), jnp.asarray(text_len, jnp.int32),
+  return _generate(StaticGraph(graphdef), state, jnp.asarray(text, jnp.int32), jnp.asarray(text_len, jnp.int32),
                    key, jnp.asarray(cfg, jnp.float32), jnp.asarray(temperature, jnp.float32),
                    plan=plan)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _decode(graphdef, state, tokens):
-  model = nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef.graphdef, state)
   return model.image_tokenizer.tokens_to_images(tokens)
 
 
 def tokens_to_images(model, tokens) -> np.ndarray:
   """Tokens [B, N, C] -> uint8 images [B, H, W, 3] through the model's image tokenizer."""
   from mmar_jax.data.preprocess import to_uint8
-  graphdef, state = _split_model(model)
-  return to_uint8(jax.device_get(_decode(graphdef, state, tokens)))
+  graphdef, state = split_model(model)
+  return to_uint8(jax.device_get(_decode(StaticGraph(graphdef), state, tokens)))
 
 
 def generate_images(model, tokenizer, prompts: Sequence[str | None] | None, key, *,
@@ -278,7 +294,7 @@ def generate_images(model, tokenizer, prompts: Sequence[str | None] | None, key,
   """uint8 images [B, H, W, 3] for a list of captions (None / "" entries: unconditional), or
   `num` unconditional samples when `prompts` is None. Without any caption there is nothing to
   guide towards, so guidance is off."""
-  graphdef, state = _split_model(model)
+  graphdef, state = split_model(model)
   mc = model_config_of((graphdef, state))
   if prompts is None:
     if not num:

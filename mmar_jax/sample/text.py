@@ -1,4 +1,5 @@
-"""Text decoding with the Qwen2 backbone's KV cache (greedy; the caption command builds on it)."""
+"""Text decoding with the Qwen2 backbone's KV cache: plain Qwen2 greedy continuation
+(`greedy_decode`) and MMAR captioning / VQA (`caption_tokens`, `caption_images`)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mmar_jax.models.qwen2 import text_structure
+from mmar_jax.models.sequence import IMAGE_TOKEN
 
 
 def greedy_decode(model, prompt_ids, max_new: int, attention_mask=None, eos_id: int | None = None,
@@ -59,3 +62,161 @@ def _greedy(graphdef, state, ids, mask, *, max_new, eos_id, pad_id):
 
   init = (jnp.asarray(1, jnp.int32), first, cache, out, done)
   return jax.lax.while_loop(cond, body, init)[3]
+
+
+# -- captioning and VQA: <boi> [img] <eoi> [question] -> text --------------------------------------
+#
+# The image is encoded once (the tokenizer's posterior mean, the EmbeddingViT with nothing
+# masked) and, with the question, fills the KV cache in one prefix pass; every generated token is
+# then one single-token pass. Rows are LEFT-padded (padding: segment id 0) so that questions of
+# different lengths end at the same cache slot; positions and block ids are those of the training
+# layout of kind 1 (sequence.py): <boi> 0, the image block 1 (or 1..N per token), <eoi>, text.
+
+
+def caption_prefix(question: jax.Array, question_len: jax.Array, n: int, boi_id: int, eoi_id: int,
+                   pad_id: int, per_token: bool):
+  """Ids and structure of the left-padded prefix over Q + N + 2 slots: (ids, positions,
+  segment_ids, block_ids, image_slot [B, N])."""
+  b, q = question.shape
+  s = q + n + 2
+  ql = question_len.astype(jnp.int32)[:, None]
+  j = jnp.arange(s)[None, :] - (q - ql)  # index in the unpadded sequence; < 0 is padding
+  real = (j >= 0)
+  txt = j - (n + 2)
+  text_ids = jnp.take_along_axis(question, jnp.clip(txt, 0, max(q - 1, 0)), axis=1) if q else \
+      jnp.zeros((b, s), jnp.int32)
+  ids = jnp.where(txt >= 0, text_ids, IMAGE_TOKEN)
+  ids = jnp.where(j == 0, boi_id, jnp.where(j == n + 1, eoi_id, ids))
+  ids = jnp.where(real, ids, pad_id).astype(jnp.int32)
+  jj = jnp.maximum(j, 0)
+  # Blocks: <boi> 0, image 1, <eoi> 2, text 3 + i. Positions: the blocks (the image shares one),
+  # or with per-token positions the unpadded index itself (image 1..N, <eoi> N + 1, ...).
+  blocks = jnp.where(jj == 0, 0, jnp.where(jj <= n, 1, jj - n + 1))
+  positions = jj if per_token else blocks
+  image_slot = (q - ql) + 1 + jnp.arange(n)[None, :]
+  return ids, positions.astype(jnp.int32), real.astype(jnp.int32), blocks.astype(jnp.int32), image_slot
+
+
+def select_tokens(logits: jax.Array, keys: jax.Array | None, top_p=None, vocab: int | None = None):
+  """The next token of each row from fp32 logits [B, V]: argmax (keys None), or nucleus sampling
+  with one key per row. Ids >= `vocab` (the model's <boi>/<eoi> and spare rows, which are not
+  text) are never chosen."""
+  logits = logits.astype(jnp.float32)
+  if vocab is not None and vocab < logits.shape[-1]:
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
+  if keys is None:
+    return jnp.argmax(logits, -1).astype(jnp.int32)
+  return jax.vmap(lambda k, lg: _top_p_one(k, lg, top_p))(keys, logits).astype(jnp.int32)
+
+
+def _top_p_one(key, logits, top_p):
+  """Samples among the smallest set of most likely tokens whose mass reaches top_p (the most
+  likely token is always kept, so top_p -> 0 is greedy)."""
+  order = jnp.argsort(-logits)  # stable: ties keep id order, so the draw is reproducible
+  probs = jax.nn.softmax(logits)[order]
+  keep_sorted = (jnp.cumsum(probs) - probs) < top_p
+  keep_sorted = keep_sorted.at[0].set(True)
+  keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
+  return jax.random.categorical(key, jnp.where(keep, logits, -jnp.inf))
+
+
+def _row_keys(key, b: int, i):
+  """Key of row b's i-th generated token: independent of the batch a row is decoded in."""
+  return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r), i))(jnp.arange(b))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_tokens", "sample", "eos_id", "pad_id"))
+def _caption(graphdef, state, images, question, question_len, key, top_p, *, max_tokens, sample,
+             eos_id, pad_id):
+  model = nnx.merge(graphdef.graphdef, state)
+  mc = model.cfg
+  b = images.shape[0]
+  n = mc.num_image_tokens
+  mean, _ = model.image_tokenizer.encode(images)
+  emb = model.embed_image(mean.astype(jnp.float32), jnp.zeros((b, n), bool))
+  ids, pos, seg, blk, image_slot = caption_prefix(
+      question, question_len, n, mc.boi_id, mc.eoi_id, mc.pad_id,
+      mc.image["positions"] == "per_token")
+  x = model.backbone.embed(jnp.maximum(ids, 0))
+  x = x.at[jnp.arange(b)[:, None], image_slot].set(emb.astype(x.dtype))
+  p = ids.shape[1]
+  cache = model.backbone.init_cache(b, p + max_tokens)
+  hidden, cache = model.backbone(x, pos, seg, blk, cache=cache, cache_index=0)
+  choose = lambda h, i: select_tokens(model.backbone.logits(h), _row_keys(key, b, i) if sample else None,
+                                      top_p, mc.text_vocab)
+  first = choose(hidden[:, -1], 0)
+  out = jnp.full((b, max_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+  done = first == eos_id
+  last_pos, last_blk = pos[:, -1:], blk[:, -1:]
+
+  def cond(carry):
+    i, _, _, _, done, _ = carry
+    return (i < max_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    # Token i-1 goes into cache slot p + i - 1 as a text block of its own.
+    i, token, cache, out, done, passes = carry
+    h, cache = model.backbone(model.backbone.embed(token[:, None]), last_pos + i,
+                              jnp.ones((b, 1), jnp.int32), last_blk + i, cache=cache,
+                              cache_index=p + i - 1)
+    nxt = jnp.where(done, pad_id, choose(h[:, -1], i))
+    out = out.at[:, i].set(nxt)
+    return i + 1, nxt, cache, out, done | (nxt == eos_id), passes + 1
+
+  init = (jnp.asarray(1, jnp.int32), first, cache, out, done, jnp.asarray(1, jnp.int32))
+  _, _, _, out, _, passes = jax.lax.while_loop(cond, body, init)
+  return out, dict(backbone_passes=passes, prefix_len=jnp.asarray(p, jnp.int32))
+
+
+def encode_questions(tokenizer, questions, batch: int):
+  """Question texts (one, a list, or None) -> (ids int32 [B, Q], lengths [B]); no EOS (the answer
+  continues the text). Q is at least 1 so the shapes stay simple."""
+  if questions is None or isinstance(questions, str):
+    questions = [questions] * batch
+  if len(questions) != batch:
+    raise ValueError(f"{len(questions)} questions for {batch} images")
+  encoded = [list(tokenizer.encode(q)) if q else [] for q in questions]
+  q = max([1] + [len(e) for e in encoded])
+  ids = np.full((batch, q), tokenizer.pad_id, np.int32)
+  for i, e in enumerate(encoded):
+    ids[i, :len(e)] = e
+  return ids, np.asarray([len(e) for e in encoded], np.int32)
+
+
+def caption_tokens(model, images, question, question_len, key=None, *, max_tokens: int = 64,
+                   top_p: float | None = None, eos_id: int | None = None, pad_id: int | None = None):
+  """Generated ids int32 [B, max_tokens] (pad after EOS) and stats (backbone_passes: the prefix
+  pass plus one per further token, counted inside the loop). images [B, H, W, 3] in [-1, 1];
+  greedy when `top_p` is None, else nucleus sampling keyed per row by (key, row, token index).
+  `model`: an MMAR module or (graphdef, state)."""
+  from mmar_jax.sample.image import StaticGraph, model_config_of, split_model
+  graphdef, state = split_model(model)
+  mc = model_config_of((graphdef, state))
+  sample = top_p is not None
+  if sample and key is None:
+    raise ValueError("top-p sampling needs a key")
+  return _caption(StaticGraph(graphdef), state, jnp.asarray(images, jnp.float32), jnp.asarray(question, jnp.int32),
+                  jnp.asarray(question_len, jnp.int32),
+                  key if key is not None else jax.random.key(0),
+                  jnp.asarray(top_p if sample else 1.0, jnp.float32), max_tokens=int(max_tokens),
+                  sample=sample, eos_id=int(mc.eos_id if eos_id is None else eos_id),
+                  pad_id=int(mc.pad_id if pad_id is None else pad_id))
+
+
+def strip_after_eos(ids, eos_id: int) -> list[list[int]]:
+  """Each row's ids before its first EOS."""
+  rows = []
+  for row in np.asarray(ids).tolist():
+    rows.append(row[:row.index(eos_id)] if eos_id in row else row)
+  return rows
+
+
+def caption_images(model, images, tokenizer, key=None, *, max_tokens: int = 64,
+                   top_p: float | None = None, question=None) -> list[str]:
+  """Captions (or answers to `question`: one string for all images, or one per image) of images
+  [B, H, W, 3] in [-1, 1] at the model's image size."""
+  images = np.asarray(images, np.float32)
+  q_ids, q_len = encode_questions(tokenizer, question, images.shape[0])
+  ids, _ = caption_tokens(model, images, q_ids, q_len, key, max_tokens=max_tokens, top_p=top_p,
+                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  return [tokenizer.decode(r) for r in strip_after_eos(jax.device_get(ids), tokenizer.eos_id)]
