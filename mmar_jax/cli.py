@@ -59,9 +59,18 @@ def _hf_parity_args(p):
   p.add_argument("--seq-len", type=int, default=576)
 
 
+def _sample_args(p, kind: str):
+  from mmar_jax.sample import cli as sample_cli  # light: imports nothing heavy at module level
+  (sample_cli.add_generate_args if kind == "generate" else sample_cli.add_caption_args)(p)
+
+
 # name -> (target, add_arguments, help)
 COMMANDS = {
     "train": ("mmar_jax.train.loop:cli_train", _train_args, "train, or resume when --workdir has checkpoints"),
+    "generate": ("mmar_jax.sample.cli:cli_generate", lambda p: _sample_args(p, "generate"),
+                 "text to image (no --prompt: unconditional)"),
+    "caption": ("mmar_jax.sample.cli:cli_caption", lambda p: _sample_args(p, "caption"),
+                "image to text (also answers --question)"),
 }
 CONVERT = {
     "hf-to-jax": ("mmar_jax.convert.hf:cli_hf_to_jax", "HuggingFace Qwen2 directory -> JAX params"),

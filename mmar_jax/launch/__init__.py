@@ -1,0 +1,1 @@
+"""Launchers for TPU pods and GPU clusters: validated arguments in, shell commands out."""

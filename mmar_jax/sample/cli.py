@@ -1,0 +1,122 @@
+"""`mmar-jax generate` and `mmar-jax caption`: sampling from a training workdir.
+
+Both read the stored config (WORKDIR/config.json), the workdir's tokenizer and, by default, the
+EMA weights of the latest checkpoint; `--step` and `--params raw` choose others. The model runs
+on the run's mesh (the config's `mesh`), as training does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+
+
+def add_generate_args(p):
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--prompt", default=None, help="caption to draw (none: unconditional)")
+  p.add_argument("--out", required=True, help="PNG; with --num > 1 a grid, singles beside it")
+  p.add_argument("--num", type=int, default=1, help="images to draw")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
+  p.add_argument("--cfg-schedule", default="linear", choices=("linear", "constant"))
+  p.add_argument("--ar-steps", type=int, default=64, help="masked-autoregressive steps K")
+  p.add_argument("--diffusion-steps", type=int, default=100)
+  p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
+  p.add_argument("--temperature", type=float, default=1.0)
+  _checkpoint_args(p)
+  p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def add_caption_args(p):
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--image", required=True, help="picture file (resized and centre-cropped)")
+  p.add_argument("--question", default=None, help="a question about the image (VQA)")
+  p.add_argument("--max-tokens", type=int, default=64)
+  p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: greedy)")
+  p.add_argument("--seed", type=int, default=0)
+  _checkpoint_args(p)
+
+
+def _checkpoint_args(p):
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--params", default="ema", choices=("ema", "raw"))
+
+
+class Loaded:
+  """A workdir's model, ready for sampling: tokenizer, MMARConfig, (graphdef, params), step."""
+
+  def __init__(self, workdir, step=None, which="ema", overrides=()):
+    from etils import epath
+
+    from mmar_jax.train.checkpoint import restore_params
+    from mmar_jax.train.loop import resolve_config, setup
+    from mmar_jax.train.step import abstract_train_state
+    wd = epath.Path(workdir)
+    if not wd.is_dir():
+      raise FileNotFoundError(f"workdir not found: {workdir}")
+    if not (wd / "config.json").exists():
+      raise FileNotFoundError(f"{wd / 'config.json'} not found: is {workdir} a training workdir?")
+    self.config = resolve_config(workdir, None, list(overrides))
+    self.tokenizer, self.model_cfg, self.trainer = setup(self.config, workdir)
+    abstract = abstract_train_state(self.trainer)["params"]
+    self.params, self.step = restore_params(workdir, step, which, abstract)
+    self.model = (self.trainer.graphdef, self.params)
+
+  def context(self):
+    """The run's mesh and sharding rules, under which activations are constrained as in training."""
+    import jax
+
+    from mmar_jax.parallel import sharding
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.trainer.mesh))
+    stack.enter_context(sharding.use_rules(self.config.sharding_rules))
+    return stack
+
+
+def cli_generate(args) -> int:
+  import jax
+
+  from mmar_jax.sample import image as gen
+  from mmar_jax.sample import io as sio
+  if args.num < 1:
+    print(f"mmar-jax: error: --num must be >= 1, got {args.num}", file=sys.stderr)
+    return 2
+  sio.check_writable(sio.sample_paths(args.out, args.num), args.overwrite)
+  run = Loaded(args.workdir, args.step, args.params, args.config_overrides)
+  prompts = [args.prompt] * args.num if args.prompt else None
+  print(f"generating {args.num} image(s) from step {run.step} ({args.params} weights), "
+        f"{args.ar_steps} AR steps x {args.diffusion_steps} {args.sampler} steps ...",
+        file=sys.stderr, flush=True)
+  t0 = time.perf_counter()
+  with run.context():
+    images = gen.generate_images(
+        run.model, run.tokenizer, prompts, jax.random.key(args.seed), num=args.num,
+        ar_steps=args.ar_steps, diffusion_steps=args.diffusion_steps, sampler=args.sampler,
+        cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature)
+  paths = sio.save_samples(args.out, images, overwrite=args.overwrite)
+  print(f"wrote {', '.join(str(p) for p in paths)} in {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr, flush=True)
+  return 0
+
+
+def cli_caption(args) -> int:
+  import jax
+
+  from mmar_jax.sample import io as sio
+  from mmar_jax.sample import text as txt
+  from etils import epath
+  if not epath.Path(args.image).exists():  # before the (slow) model load
+    raise FileNotFoundError(f"image not found: {args.image}")
+  run = Loaded(args.workdir, args.step, args.params, args.config_overrides)
+  try:
+    image = sio.load_image(args.image, run.model_cfg.image["size"])
+  except ValueError as e:  # an unreadable picture: a bad input, not a crash
+    print(f"mmar-jax: error: {e}", file=sys.stderr)
+    return 2
+  with run.context():
+    texts = txt.caption_images(run.model, image[None], run.tokenizer, jax.random.key(args.seed),
+                               max_tokens=args.max_tokens, top_p=args.top_p,
+                               question=args.question)
+  print(texts[0], flush=True)
+  return 0
