@@ -73,16 +73,39 @@ COMMANDS = {
                 "image to text (also answers --question)"),
 }
 CONVERT = {
-    "hf-to-jax": ("mmar_jax.convert.hf:cli_hf_to_jax", "HuggingFace Qwen2 directory -> JAX params"),
-    "jax-to-hf": ("mmar_jax.convert.hf:cli_jax_to_hf", "JAX backbone -> HuggingFace Qwen2 directory"),
-    "mar-vae": ("mmar_jax.convert.mar_vae:cli_mar_vae", "MAR KL-16 VAE -> JAX"),
-    "jax-to-mar-vae": ("mmar_jax.convert.mar_vae:cli_jax_to_mar_vae", "JAX VAE -> MAR layout safetensors"),
-    "mar-head": ("mmar_jax.convert.mar_head:cli_mar_head", "MAR diffusion head -> JAX"),
-    "jax-to-mar-head": ("mmar_jax.convert.mar_head:cli_jax_to_mar_head", "JAX head -> MAR layout safetensors"),
+    name: (target, lambda p, name=name: _convert_args(p, name), help_)
+    for name, target, help_ in (
+        ("hf-to-jax", "mmar_jax.convert.hf:cli_hf_to_jax", "HuggingFace Qwen2 directory -> JAX params"),
+        ("jax-to-hf", "mmar_jax.convert.hf:cli_jax_to_hf", "JAX backbone -> HuggingFace Qwen2 directory"),
+        ("mar-vae", "mmar_jax.convert.mar_vae:cli_mar_vae", "MAR KL-16 VAE -> JAX"),
+        ("jax-to-mar-vae", "mmar_jax.convert.mar_vae:cli_jax_to_mar_vae", "JAX VAE -> MAR layout safetensors"),
+        ("mar-head", "mmar_jax.convert.mar_head:cli_mar_head", "MAR diffusion head -> JAX"),
+        ("jax-to-mar-head", "mmar_jax.convert.mar_head:cli_jax_to_mar_head",
+         "JAX head -> MAR layout safetensors"),
+    )
 }
 REPRO = {
     "hf-parity": ("mmar_jax.repro.hf_parity:cli_hf_parity", _hf_parity_args,
                   "JAX backbone vs the PyTorch model of a HuggingFace directory"),
+}
+
+
+def _bench_args(p):
+  p.add_argument("--config", default="configs/bench.py", help="config file[:variant]")
+  p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
+
+
+BENCH = {
+    what: ("mmar_jax.bench:cli_bench", lambda p, what=what: (_bench_args(p), p.set_defaults(what=what)),
+           help_)
+    for what, help_ in (("train", "train-step time, tokens/s, MFU, peak memory"),)
+}
+
+# group -> (help, {name -> (target, add_arguments, help)}); a group's subcommand is `args.<group>`.
+GROUPS = {
+    "convert": ("weights across frameworks", CONVERT),
+    "repro": ("reproducibility checks", REPRO),
+    "bench": ("throughput and memory benchmarks, one JSON line", BENCH),
 }
 
 
@@ -99,18 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     _global_args(p)
     add(p)
     p.set_defaults(target=target)
-  conv = sub.add_parser("convert", help="weights across frameworks").add_subparsers(dest="kind", required=True)
-  for name, (target, help_) in CONVERT.items():
-    p = conv.add_parser(name, help=help_)
-    _global_args(p)
-    _convert_args(p, name)
-    p.set_defaults(target=target)
-  repro = sub.add_parser("repro", help="reproducibility checks").add_subparsers(dest="check", required=True)
-  for name, (target, add, help_) in REPRO.items():
-    p = repro.add_parser(name, help=help_)
-    _global_args(p)
-    add(p)
-    p.set_defaults(target=target)
+  for group, (group_help, table) in GROUPS.items():
+    gsub = sub.add_parser(group, help=group_help).add_subparsers(dest=group, required=True)
+    for name, (target, add, help_) in table.items():
+      p = gsub.add_parser(name, help=help_)
+      _global_args(p)
+      add(p)
+      p.set_defaults(target=target)
   return parser
 
 

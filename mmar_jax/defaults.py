@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   im.size = 16  # pixels (256 at full scale)
   im.kind = "patchify"  # the image tokenizer: patchify | vae
   im.patch_size = 4  # pixels per token side (patchify) or latent pixels per token side (vae)
+  im.channels = 3  # pixel channels (patchify); synthetic latents use 16
   im.scale = config_dict.placeholder(float)  # token scale; unset: 1 (patchify), 0.2325 (MAR's KL-16)
   im.vae = v = ml_collections.ConfigDict()
   v.ch = 128

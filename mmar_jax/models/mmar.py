@@ -67,6 +67,13 @@ def special_token_ids(vocab_size: int, text_vocab: int) -> tuple[int, int, int]:
   return vocab_size, vocab_size + 1, vocab_size + 2
 
 
+def resolve_dtype(name: str) -> str:
+  """'auto': fp32 on CPU (XLA:CPU is no faster in bf16), bf16 on accelerators."""
+  if name == "auto":
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  return name
+
+
 def model_config(config: ml_collections.ConfigDict, tokenizer) -> MMARConfig:
   """Resolves the config's `model` group and the text tokenizer into an MMARConfig."""
   m = config.model
@@ -76,7 +83,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MMARConfig:
       vocab_size=vocab, hidden_size=b.hidden_size, num_layers=b.num_layers, num_heads=b.num_heads,
       num_kv_heads=b.num_kv_heads, head_dim=b.head_dim or None,
       intermediate_size=b.intermediate_size, rope_theta=b.rope_theta, rms_norm_eps=b.rms_norm_eps,
-      tie_word_embeddings=b.tie_word_embeddings, compute_dtype=m.compute_dtype,
+      tie_word_embeddings=b.tie_word_embeddings, compute_dtype=resolve_dtype(m.compute_dtype),
       scan_layers=m.scan_layers, remat=m.remat, attention=m.attention)
   image = m.image.to_dict()
   stride, channels = token_spec(image)
@@ -89,7 +96,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MMARConfig:
                   mlp_ratio=m.vit.mlp_ratio, scan_layers=m.scan_layers)
   head = HeadConfig(token_channels=channels, cond_dim=b.hidden_size, width=m.head.width,
                     depth=m.head.depth, learn_sigma=m.head.learn_sigma,
-                    prediction=m.head.prediction, compute_dtype=m.head.compute_dtype,
+                    prediction=m.head.prediction, compute_dtype=resolve_dtype(m.head.compute_dtype),
                     scan_layers=m.scan_layers,
                     n_positions=num_tokens if m.head.pos_embed else 0)
   return MMARConfig(backbone=backbone, vit=vit, head=head, image=image,
