@@ -1,0 +1,292 @@
+"""The reproducibility checks behind `mmar-jax repro`.
+
+Each check is a function returning a `Result` (pass / fail / skip, the measured value, the
+tolerance it was held to, a detail line). Checks are self-contained on tiny shapes: they make
+their own tiny workdirs and checkpoints under a scratch directory. With `--workdir` the train-based
+checks run against the user's own run instead (restore a checkpoint, re-run a few steps, compare
+with the run's logged metrics.jsonl / stored checkpoints).
+
+Every check takes keyword-only "break it on purpose" switches (a different seed, a skipped batch,
+draws keyed by device, ...) that the test suite uses to prove the check can fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+
+from mmar_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GOLDEN = os.path.join(ROOT, "mmar_jax", "repro", "golden.json")
+
+
+@dataclasses.dataclass
+class Result:
+  name: str
+  status: str  # pass | fail | skip
+  value: Any = None
+  tolerance: Any = None
+  detail: str = ""
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _verdict(name, ok: bool, value, tolerance, detail="") -> Result:
+  return Result(name, "pass" if ok else "fail", value, tolerance, detail)
+
+
+def tiny_config(*overrides):
+  cfg = config_lib.load_file(os.path.join(ROOT, "configs", "tiny.py"))
+  return config_lib.apply_overrides(cfg, list(overrides))
+
+
+# -- a few steps of training, in process ----------------------------------------------------------
+
+
+def run_steps(config, steps: int, *, mesh: str | None = None, state=None, start: int = 0,
+              skip_batch: int | None = None, key_by_device: bool = False, devices=None):
+  """Runs `steps` train steps from `start` on the config's data; returns (losses, state, trainer).
+
+  skip_batch: a step that consumes the next step's batch instead (a data-order bug).
+  key_by_device: per-example draws keyed by the example's position inside its device shard
+  instead of its global index (the bug the mesh check exists for)."""
+  from mmar_jax.data.pipeline import Batcher
+  from mmar_jax.data.text_tokenizer import load_text_tokenizer
+  from mmar_jax.models.mmar import model_config
+  from mmar_jax.parallel.mesh import make_mesh
+  from mmar_jax.train.loop import make_source
+  from mmar_jax.train.step import build, init_state, make_train_step
+
+  tokenizer = load_text_tokenizer(config.text_tokenizer)
+  mcfg = model_config(config, tokenizer)
+  tr = build(config, mcfg, make_mesh(mesh or config.mesh, config.mesh_dcn, devices=devices))
+  if state is None:
+    state = init_state(tr)
+  else:
+    state = jax.device_put(state, tr.state_shardings)
+  batcher = Batcher(make_source(config), tokenizer, batch_size=config.train.batch_size,
+                    max_text_len=mcfg.max_text_len, seed=config.seed, mix=config.data.mix,
+                    random_flip=config.data.random_flip, long_caption=config.data.long_caption)
+  step_fn = make_train_step(tr)
+  shards = tr.mesh.shape["data"] * tr.mesh.shape["fsdp"]
+  losses = []
+  for s in range(start, start + steps):
+    batch = batcher.local_batch(s + 1 if s == skip_batch else s)
+    if key_by_device:
+      per = len(batch["index"]) // shards
+      batch["index"] = (np.arange(len(batch["index"])) % per).astype(np.int32)
+    state, metrics = step_fn(state, global_batch_from(batch, tr))
+    losses.append(float(metrics["loss"]))
+  return np.asarray(losses), state, tr
+
+
+def global_batch_from(local: dict, tr):
+  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(tr.batch_sharding, a), local)
+
+
+def _params_equal(a, b) -> bool:
+  return all(jax.tree.leaves(jax.tree.map(
+      lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b)))
+
+
+# -- the checks ----------------------------------------------------------------------------------
+
+
+def check_determinism(config=None, *, steps: int = 4, seed_b: int | None = None) -> Result:
+  """Two runs with one seed: bit-identical losses, parameters and samples."""
+  config = config or tiny_config()
+  cfg_b = config_lib.apply_overrides(config_lib.from_dict(config_lib.to_dict(config)),
+                                     [("seed", str(seed_b))] if seed_b is not None else [])
+  la, sa, tra = run_steps(config, steps)
+  lb, sb, _ = run_steps(cfg_b, steps)
+  same_params = _params_equal(sa["params"], sb["params"])
+  samples_a = _samples(tra, sa["params"], config)
+  samples_b = _samples(tra, sb["params"], config)
+  diff = float(np.max(np.abs(la - lb)))
+  ok = diff == 0.0 and same_params and np.array_equal(samples_a, samples_b)
+  return _verdict("determinism", ok, diff, 0.0,
+                  f"{steps} steps; params identical: {same_params}; "
+                  f"samples identical: {np.array_equal(samples_a, samples_b)}")
+
+
+def _samples(tr, params, config) -> np.ndarray:
+  from mmar_jax.data.text_tokenizer import load_text_tokenizer
+  from mmar_jax.sample.image import generate_images
+  model = tr.model(jax.device_get(params))
+  return generate_images(model, load_text_tokenizer(config.text_tokenizer), ["a red square at the top"],
+                         jax.random.key(0), ar_steps=4, diffusion_steps=10, cfg=2.0)
+
+
+def check_resume(config=None, *, steps: int = 6, skip_batch: bool = False, workdir=None) -> Result:
+  """N steps straight equal N/2 + checkpoint + restart + N/2 (through a real orbax checkpoint)."""
+  from mmar_jax.train.checkpoint import Checkpointer
+  from mmar_jax.train.step import abstract_train_state
+  config = config or tiny_config()
+  half = steps // 2
+  straight, s_full, _ = run_steps(config, steps)
+  first, s_half, tr = run_steps(config, half)
+  with tempfile.TemporaryDirectory() as tmp:
+    ckpt = Checkpointer(workdir or tmp, async_save=False)
+    ckpt.save(half, s_half, dict(step=half), force=True)
+    ckpt.wait()
+    restored, _ = ckpt.restore(half, abstract_train_state(tr))
+    ckpt.close()
+  second, s_end, _ = run_steps(config, steps - half, state=restored, start=half,
+                               skip_batch=half if skip_batch else None)
+  resumed = np.concatenate([first, second])
+  diff = float(np.max(np.abs(resumed - straight)))
+  same = _params_equal(s_full["params"], s_end["params"])
+  return _verdict("resume", diff == 0.0 and same, diff, 0.0,
+                  f"{steps} steps vs {half} + restart + {steps - half}; final params identical: {same}")
+
+
+def check_mesh(config=None, *, steps: int = 4, meshes=("1,8,1", "2,2,2"), atol: float = 1e-5,
+               key_by_device: bool = False) -> Result:
+  """The same steps on two mesh shapes agree within `atol` (fp32 compute)."""
+  config = config or tiny_config()
+  if jax.device_count() < 8:
+    return Result("mesh", "skip", detail=f"needs 8 devices, have {jax.device_count()}")
+  la, _, _ = run_steps(config, steps, mesh=meshes[0], key_by_device=key_by_device)
+  lb, _, _ = run_steps(config, steps, mesh=meshes[1], key_by_device=key_by_device)
+  diff = float(np.max(np.abs(la - lb)))
+  return _verdict("mesh", diff <= atol, diff, atol, f"meshes {meshes[0]} vs {meshes[1]}, {steps} steps")
+
+
+def golden_key() -> str:
+  import jax
+  return f"{jax.default_backend()}|{jax.devices()[0].device_kind}|jax-{jax.__version__}"
+
+
+def golden_losses(steps: int = 5) -> np.ndarray:
+  config = tiny_config(("mesh", "1,1,1"))
+  losses, _, _ = run_steps(config, steps, devices=jax.devices()[:1])
+  return losses
+
+
+GOLDEN_RTOL = {"cpu": 1e-6, "gpu": 1e-3, "tpu": 1e-3}
+
+
+def check_golden(*, write: bool = False, path: str = GOLDEN, losses: np.ndarray | None = None) -> Result:
+  """The first tiny-config losses against references kept in the repo, keyed by backend, device
+  kind and JAX version: a dependency upgrade that changes the numbers is noticed."""
+  key = golden_key()
+  store = json.loads(open(path).read()) if os.path.exists(path) else {}
+  if losses is None:
+    losses = golden_losses()
+  if write:
+    store[key] = [float(x) for x in losses]
+    with open(path, "w") as f:
+      json.dump(store, f, indent=1, sort_keys=True)
+      f.write("\n")
+    return Result("golden", "pass", len(losses), None, f"wrote the reference for {key} to {path}")
+  if key not in store:
+    return Result("golden", "skip", None, None,
+                  f"no reference for {key} in {path}; record one with `mmar-jax repro golden --write`")
+  ref = np.asarray(store[key])
+  if ref.shape != losses.shape:
+    return Result("golden", "fail", None, None, f"reference has {ref.size} losses, measured {losses.size}")
+  rtol = GOLDEN_RTOL.get(jax.default_backend(), 1e-3)
+  rel = float(np.max(np.abs(losses - ref) / np.maximum(np.abs(ref), 1e-12)))
+  return _verdict("golden", rel <= rtol, rel, rtol, f"{losses.size} losses vs {key}")
+
+
+def check_hf_parity(*, hf_dir=None, atol: float = 1e-4, max_kl: float = 1e-6,
+                    min_argmax: float = 0.999, seq_len: int = 576, prompt_ids=None,
+                    dump_logits=None, perturb=None) -> Result:
+  """The JAX backbone against the PyTorch model of a HuggingFace directory (a tiny random one
+  by default). `perturb(params) -> params` edits the converted JAX weights."""
+  from mmar_jax.repro import hf_parity
+  r = hf_parity.check_hf_parity(hf_dir, prompt_ids=prompt_ids, seq_len=seq_len, atol=atol,
+                                max_kl=max_kl, min_argmax=min_argmax, dump_logits=dump_logits,
+                                perturb=perturb, log=print)
+  return _verdict("hf-parity", bool(r["passed"]), r["max_abs_diff"], atol,
+                  f"mean KL {r['mean_kl']:.2e} (max {max_kl}), argmax agreement "
+                  f"{r['argmax_agree']:.4f} (min {min_argmax}), {r['seq_len']} tokens")
+
+
+def check_roundtrip(*, perturb: str | None = None) -> Result:
+  """HF Qwen2, MAR VAE and MAR head weights, JAX -> PyTorch layout -> JAX, bit for bit (the head
+  keeps its prediction type through the file metadata). `perturb` names a part ('hf', 'vae',
+  'head') whose PyTorch-side weights are nudged, to show the check can fail."""
+  import tempfile
+  from flax import nnx
+  from mmar_jax.convert import mar_head, mar_vae
+  from mmar_jax.convert.hf import hf_to_jax, jax_to_hf, read_model_config
+  from mmar_jax.convert.params_io import load_params
+  from mmar_jax.models.diffusion_head import DiffusionHead, HeadConfig
+  from mmar_jax.models.vae import VAE, VAEConfig
+  from mmar_jax.models.qwen2 import Qwen2, Qwen2Config
+
+  def nudge(sd, part):
+    if perturb != part:
+      return sd
+    name = sorted(sd)[0]
+    sd = dict(sd)
+    sd[name] = np.asarray(sd[name]).copy()
+    sd[name].reshape(-1)[0] += 1e-3
+    return sd
+
+  mismatched = []
+  # Backbone: JAX params -> HF directory -> JAX.
+  qcfg = Qwen2Config(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                     intermediate_size=64, tie_word_embeddings=False)
+  params = nnx.split(Qwen2(qcfg, rngs=nnx.Rngs(1)))[1].to_pure_dict()
+  with tempfile.TemporaryDirectory() as tmp:
+    jax_to_hf(params, qcfg, os.path.join(tmp, "hf"))
+    if perturb == "hf":
+      from mmar_jax.convert import safetensors_io
+      path = os.path.join(tmp, "hf", "model.safetensors")
+      sd = nudge(safetensors_io.read_all(path), "hf")
+      safetensors_io.save_file(sd, path)
+    hf_to_jax(os.path.join(tmp, "hf"), os.path.join(tmp, "back"))
+    back = jax.device_get(load_params(os.path.join(tmp, "back")))
+    read_model_config(os.path.join(tmp, "back"))
+  if not _params_equal(params, back):
+    mismatched.append("hf")
+  # VAE: JAX -> MAR state dict -> JAX.
+  vcfg = VAEConfig(ch=32, ch_mult=(1, 2), embed_dim=4)
+  vparams = nnx.split(VAE(vcfg, rngs=nnx.Rngs(2)))[1].to_pure_dict()
+  sd = nudge(mar_vae.jax_to_mar_vae(vcfg, vparams), "vae")
+  _, vback = mar_vae.mar_vae_to_jax(sd)
+  if not _params_equal(_str_keys(vparams), _str_keys(vback)):
+    mismatched.append("vae")
+  # Head: JAX -> MAR state dict (with its prediction type) -> JAX.
+  hcfg = HeadConfig(token_channels=4, cond_dim=16, width=32, depth=2, prediction="v")
+  hparams = nnx.split(DiffusionHead(hcfg, rngs=nnx.Rngs(3)))[1].to_pure_dict()
+  hparams = jax.tree.map(lambda a: a + 0.01, hparams)  # the zero-initialised layers too
+  sd = nudge(mar_head.jax_to_mar_head(hcfg, hparams), "head")
+  hback_cfg, hback = mar_head.mar_head_to_jax(sd, prediction=hcfg.prediction)
+  if not _params_equal(hparams, hback) or hback_cfg.prediction != "v":
+    mismatched.append("head")
+  return _verdict("roundtrip", not mismatched, len(mismatched), 0,
+                  "bit for bit: hf, vae, head" if not mismatched else f"differ: {mismatched}")
+
+
+def _str_keys(tree):
+  if isinstance(tree, dict):
+    return {str(k): _str_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def check_numerics(*, full: bool = False, workdir=None, secret_fp32: bool = False) -> Result:
+  """The bf16 checks of `diagnose numerics` (analytic + dtypes by default, trained heads with
+  `full`)."""
+  from mmar_jax.diffusion import numerics
+  try:
+    result = numerics.run_numerics(workdir=workdir, fast=not full, secret_fp32=secret_fp32)
+    numerics.check_numerics(result)
+  except AssertionError as e:
+    return Result("numerics", "fail", None, None, str(e).splitlines()[0][:300])
+  return Result("numerics", "pass", result.get("summary"), None,
+                "full: trained heads" if full else "fast: analytic factors and dtypes")
+
+
+CHECKS = ("determinism", "resume", "mesh", "hf-parity", "roundtrip", "numerics", "golden")
