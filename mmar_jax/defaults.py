@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   vit.layers = 2
   vit.heads = 4
   vit.mlp_ratio = 4.0
+  vit.pos_init = "sincos"  # sincos (2D grid, MAE) | normal (N(0, 0.02), MAR)
 
   m.head = h = ml_collections.ConfigDict()
   h.width = 128
@@ -100,6 +101,21 @@ def base_config() -> ml_collections.ConfigDict:
   d.caption_key = "caption"
   d.long_caption = "truncate"  # truncate | skip
   d.random_flip = True  # MAR's augmentation (off for data whose captions name left and right)
+  d.max_bad_fraction = 0.5  # more unusable examples than this (after 200 read) stops the run
+  d.threads = 0  # background threads building batches (grain); 0: in the training loop
+  d.prefetch = 2  # batches built ahead when threads > 0
+  d.tfds = ml_collections.ConfigDict()  # data.source = "tfds": a prepared array_record dataset
+  d.tfds.name = config_dict.placeholder(str)
+  d.tfds.split = "train"
+  d.tfds.data_dir = config_dict.placeholder(str)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.at_end = False  # run `mmar-jax eval` when training finishes (the demo does)
+  c.eval.cfg = 3.0
+  c.eval.ar_steps = 16
+  c.eval.diffusion_steps = 100
+  c.eval.num_unconditional = 32
+  c.eval.temperature = 1.0
 
   c.init = ml_collections.ConfigDict()
   c.init.backbone = config_dict.placeholder(str)

@@ -50,6 +50,10 @@ class MMARConfig:
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
+  def __hash__(self):  # `image` is a dict: hash the JSON form so graphdefs can be static jit args
+    import json
+    return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
+
   @classmethod
   def from_dict(cls, d: dict) -> "MMARConfig":
     d = dict(d)
@@ -93,7 +97,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MMARConfig:
   num_tokens = (image["size"] // stride) ** 2
   vit = ViTConfig(token_channels=channels, num_tokens=num_tokens,
                   width=m.vit.width, layers=m.vit.layers, heads=m.vit.heads,
-                  mlp_ratio=m.vit.mlp_ratio, scan_layers=m.scan_layers)
+                  mlp_ratio=m.vit.mlp_ratio, scan_layers=m.scan_layers, pos_init=m.vit.pos_init)
   head = HeadConfig(token_channels=channels, cond_dim=b.hidden_size, width=m.head.width,
                     depth=m.head.depth, learn_sigma=m.head.learn_sigma,
                     prediction=m.head.prediction, compute_dtype=resolve_dtype(m.head.compute_dtype),

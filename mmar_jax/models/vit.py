@@ -31,6 +31,10 @@ class ViTConfig:
   mlp_ratio: float = 4.0
   eps: float = 1e-6
   scan_layers: bool = True
+  # How the learned position embedding starts. 'sincos': a 2D sine-cosine grid (as MAE), so every
+  # position is distinct at full scale from step 0; 'normal': N(0, 0.02) (MAR), which leaves the
+  # masked positions nearly identical until the embedding has grown.
+  pos_init: str = "sincos"
 
 
 class EmbeddingViT(nnx.Module):
@@ -43,7 +47,10 @@ class EmbeddingViT(nnx.Module):
     self.in_proj = Linear(cfg.token_channels, w, ("channels", "vit_embed"), rngs=rngs,
                           param_dtype=param_dtype)
     self.mask_token = param(rngs, normal_002, (w,), ("vit_embed",), param_dtype)
-    self.pos_embed = param(rngs, normal_002, (cfg.num_tokens, w), ("length", "vit_embed"), param_dtype)
+    if cfg.pos_init not in ("sincos", "normal"):
+      raise ValueError(f"unknown ViT pos_init {cfg.pos_init!r}; use sincos or normal")
+    pos_init = sincos_2d if cfg.pos_init == "sincos" else normal_002
+    self.pos_embed = param(rngs, pos_init, (cfg.num_tokens, w), ("length", "vit_embed"), param_dtype)
     p = functools.partial(param, rngs, dtype=param_dtype, stack=n)
     self.blocks = nnx.Dict(
         ln1_scale=p(ones, (w,), ("vit_embed",)), ln1_bias=p(zeros, (w,), ("vit_embed",)),
@@ -71,6 +78,21 @@ class EmbeddingViT(nnx.Module):
       for i in range(cfg.layers):
         h = block(h, jax.tree.map(lambda a, i=i: a[i], weights))
     return layer_norm(h, self.final_scale[...], self.final_bias[...], cfg.eps)
+
+
+def sincos_2d(key, shape, dtype=jnp.float32):
+  """[n, w] 2D sine-cosine embedding of a square grid of n tokens: half the width encodes the row,
+  half the column, each as sin/cos at geometrically spaced frequencies."""
+  del key
+  n, w = shape
+  side = int(round(n ** 0.5))
+  if side * side != n or w % 4:
+    raise ValueError(f"sincos position embedding needs a square grid and width % 4 == 0, got {shape}")
+  omega = 1.0 / 10000 ** (jnp.arange(w // 4, dtype=jnp.float32) / (w // 4))
+  rows, cols = jnp.meshgrid(jnp.arange(side, dtype=jnp.float32), jnp.arange(side, dtype=jnp.float32),
+                            indexing="ij")
+  enc = lambda p: jnp.concatenate([jnp.sin(p.reshape(-1, 1) * omega), jnp.cos(p.reshape(-1, 1) * omega)], 1)
+  return jnp.concatenate([enc(rows), enc(cols)], axis=1).astype(dtype)
 
 
 def _vit_block(x, w, *, heads, eps, mask, dtype):

@@ -47,6 +47,8 @@ class Loaded:
   """A workdir's model, ready for sampling: tokenizer, MMARConfig, (graphdef, params), step."""
 
   def __init__(self, workdir, step=None, which="ema", overrides=()):
+    import logging
+
     from etils import epath
 
     from mmar_jax.train.checkpoint import restore_params
@@ -57,6 +59,8 @@ class Loaded:
       raise FileNotFoundError(f"workdir not found: {workdir}")
     if not (wd / "config.json").exists():
       raise FileNotFoundError(f"{wd / 'config.json'} not found: is {workdir} a training workdir?")
+    # Orbax reports through absl at WARNING that a read-only restore is read-only: not news.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     self.config = resolve_config(workdir, None, list(overrides))
     self.tokenizer, self.model_cfg, self.trainer = setup(self.config, workdir)
     abstract = abstract_train_state(self.trainer)["params"]
@@ -102,10 +106,10 @@ def cli_generate(args) -> int:
 
 def cli_caption(args) -> int:
   import jax
+  from etils import epath
 
   from mmar_jax.sample import io as sio
   from mmar_jax.sample import text as txt
-  from etils import epath
   if not epath.Path(args.image).exists():  # before the (slow) model load
     raise FileNotFoundError(f"image not found: {args.image}")
   run = Loaded(args.workdir, args.step, args.params, args.config_overrides)

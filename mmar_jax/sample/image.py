@@ -27,9 +27,9 @@ wins over `< masked`): those steps fill in nothing, and the last one fills in th
 
 Randomness: sample b of a batch uses fold_in(key, b) (so a sample does not depend on the batch
 it is generated in); its order comes from fold_in(that, 0), and the diffusion noise of image
-position p from fold_in(fold_in(that, 1), p), each position being sampled exactly once. With
-guidance off, or cfg = 1, the same key gives the same tokens as the guided program's
-conditional half.
+position p from fold_in(fold_in(that, 1), p), each position being sampled exactly once. So the
+unguided program gives the tokens of the guided one at cfg = 1 (within rounding: the backbone
+then runs on twice the rows).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Plan:
     if self.sampler not in ("ddpm", "ddim"):
       raise ValueError(f"unknown sampler {self.sampler!r}; use ddpm or ddim")
     if self.cfg_schedule not in CFG_SCHEDULES:
-      raise ValueError(f"unknown cfg schedule {self.cfg_schedule!r}; use {' or '.join(CFG_SCHEDULES)}")
+      raise ValueError(f"unknown cfg schedule {self.cfg_schedule!r}; use linear or constant")
 
 
 def mask_schedule(n: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,8 +111,9 @@ def sample_keys(key: jax.Array, batch: int, n: int) -> tuple[jax.Array, jax.Arra
   each image position)."""
   per_sample = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
   orders = jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, 0), n))(per_sample)
-  token_keys = jax.vmap(lambda k: jax.vmap(lambda p: jax.random.fold_in(jax.random.fold_in(k, 1), p))(
-      jnp.arange(n)))(per_sample)
+  positions = jnp.arange(n)
+  token_keys = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, (None, 0))(
+      jax.random.fold_in(k, 1), positions))(per_sample)
   return orders.astype(jnp.int32), token_keys
 
 
@@ -180,6 +181,14 @@ class StaticGraph:
     return isinstance(other, StaticGraph) and self.graphdef == other.graphdef
 
 
+def typed_key(key) -> jax.Array:
+  """A new-style key (raw uint32[2] keys are wrapped): key arrays index and reshape as scalars."""
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  return jax.random.wrap_key_data(key)
+
+
 def model_config_of(model):
   """The MMARConfig of a module or of (graphdef, state) (merging copies no arrays)."""
   if isinstance(model, tuple):
@@ -223,9 +232,10 @@ def _generate(graphdef, state, text, text_len, key, cfg, temperature, *, plan: P
     p = jnp.concatenate([p, p]) if plan.guidance else p
     return lambda x, t, z: model.head(x, t, z, p)
 
+  rows = (lambda a: jnp.concatenate([a, a])) if plan.guidance else (lambda a: a)
+
   def step(k, carry):
     tokens, masked, cache, passes, writes = carry
-    rows = (lambda a: jnp.concatenate([a, a])) if plan.guidance else (lambda a: a)
     emb = model.embed_image(rows(tokens), rows(masked))
     hidden, cache = model.backbone(emb, img_pos, img_seg, img_blk, cache=cache, cache_index=lt + 1)
     # The positions leaving the mask: order[after_k : before_k], padded to M (surplus dropped).
@@ -269,9 +279,9 @@ def generate_tokens(model, text, text_len, key, *, ar_steps: int = 64, diffusion
     guidance = float(cfg) != 1.0
   plan = Plan(ar_steps=int(ar_steps), diffusion_steps=int(diffusion_steps), sampler=sampler,
               cfg_schedule=cfg_schedule, guidance=bool(guidance))
-  return _generate(StaticGraph(graphdef), state, jnp.asarray(text, jnp.int32), jnp.asarray(text_len, jnp.int32),
-                   key, jnp.asarray(cfg, jnp.float32), jnp.asarray(temperature, jnp.float32),
-                   plan=plan)
+  return _generate(StaticGraph(graphdef), state, jnp.asarray(text, jnp.int32),
+                   jnp.asarray(text_len, jnp.int32), typed_key(key), jnp.asarray(cfg, jnp.float32),
+                   jnp.asarray(temperature, jnp.float32), plan=plan)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -77,24 +77,25 @@ def caption_prefix(question: jax.Array, question_len: jax.Array, n: int, boi_id:
                    pad_id: int, per_token: bool):
   """Ids and structure of the left-padded prefix over Q + N + 2 slots: (ids, positions,
   segment_ids, block_ids, image_slot [B, N])."""
-  b, q = question.shape
+  q = question.shape[1]
   s = q + n + 2
   ql = question_len.astype(jnp.int32)[:, None]
   j = jnp.arange(s)[None, :] - (q - ql)  # index in the unpadded sequence; < 0 is padding
-  real = (j >= 0)
-  txt = j - (n + 2)
-  text_ids = jnp.take_along_axis(question, jnp.clip(txt, 0, max(q - 1, 0)), axis=1) if q else \
-      jnp.zeros((b, s), jnp.int32)
+  real = j >= 0
+  txt = j - (n + 2)  # index in the question
+  text_ids = (jnp.take_along_axis(question, jnp.clip(txt, 0, q - 1), axis=1) if q else
+              jnp.zeros_like(j))
   ids = jnp.where(txt >= 0, text_ids, IMAGE_TOKEN)
   ids = jnp.where(j == 0, boi_id, jnp.where(j == n + 1, eoi_id, ids))
-  ids = jnp.where(real, ids, pad_id).astype(jnp.int32)
+  ids = jnp.where(real, ids, pad_id)
   jj = jnp.maximum(j, 0)
   # Blocks: <boi> 0, image 1, <eoi> 2, text 3 + i. Positions: the blocks (the image shares one),
   # or with per-token positions the unpadded index itself (image 1..N, <eoi> N + 1, ...).
   blocks = jnp.where(jj == 0, 0, jnp.where(jj <= n, 1, jj - n + 1))
   positions = jj if per_token else blocks
   image_slot = (q - ql) + 1 + jnp.arange(n)[None, :]
-  return ids, positions.astype(jnp.int32), real.astype(jnp.int32), blocks.astype(jnp.int32), image_slot
+  as32 = lambda a: a.astype(jnp.int32)
+  return as32(ids), as32(positions), as32(real), as32(blocks), image_slot
 
 
 def select_tokens(logits: jax.Array, keys: jax.Array | None, top_p=None, vocab: int | None = None):
@@ -125,9 +126,9 @@ def _row_keys(key, b: int, i):
   return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r), i))(jnp.arange(b))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_tokens", "sample", "eos_id", "pad_id"))
-def _caption(graphdef, state, images, question, question_len, key, top_p, *, max_tokens, sample,
-             eos_id, pad_id):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_tokens", "sample"))
+def _caption(graphdef, state, images, question, question_len, key, top_p, eos_id, pad_id, *,
+             max_tokens, sample):
   model = nnx.merge(graphdef.graphdef, state)
   mc = model.cfg
   b = images.shape[0]
@@ -142,8 +143,9 @@ def _caption(graphdef, state, images, question, question_len, key, top_p, *, max
   p = ids.shape[1]
   cache = model.backbone.init_cache(b, p + max_tokens)
   hidden, cache = model.backbone(x, pos, seg, blk, cache=cache, cache_index=0)
-  choose = lambda h, i: select_tokens(model.backbone.logits(h), _row_keys(key, b, i) if sample else None,
-                                      top_p, mc.text_vocab)
+  choose = lambda h, i: select_tokens(model.backbone.logits(h),
+                                      _row_keys(key, b, i) if sample else None, top_p,
+                                      mc.text_vocab)
   first = choose(hidden[:, -1], 0)
   out = jnp.full((b, max_tokens), pad_id, jnp.int32).at[:, 0].set(first)
   done = first == eos_id
@@ -184,23 +186,25 @@ def encode_questions(tokenizer, questions, batch: int):
 
 
 def caption_tokens(model, images, question, question_len, key=None, *, max_tokens: int = 64,
-                   top_p: float | None = None, eos_id: int | None = None, pad_id: int | None = None):
+                   top_p: float | None = None, eos_id: int | None = None,
+                   pad_id: int | None = None):
   """Generated ids int32 [B, max_tokens] (pad after EOS) and stats (backbone_passes: the prefix
   pass plus one per further token, counted inside the loop). images [B, H, W, 3] in [-1, 1];
   greedy when `top_p` is None, else nucleus sampling keyed per row by (key, row, token index).
   `model`: an MMAR module or (graphdef, state)."""
-  from mmar_jax.sample.image import StaticGraph, model_config_of, split_model
+  from mmar_jax.sample.image import StaticGraph, model_config_of, split_model, typed_key
   graphdef, state = split_model(model)
   mc = model_config_of((graphdef, state))
   sample = top_p is not None
   if sample and key is None:
     raise ValueError("top-p sampling needs a key")
-  return _caption(StaticGraph(graphdef), state, jnp.asarray(images, jnp.float32), jnp.asarray(question, jnp.int32),
-                  jnp.asarray(question_len, jnp.int32),
-                  key if key is not None else jax.random.key(0),
-                  jnp.asarray(top_p if sample else 1.0, jnp.float32), max_tokens=int(max_tokens),
-                  sample=sample, eos_id=int(mc.eos_id if eos_id is None else eos_id),
-                  pad_id=int(mc.pad_id if pad_id is None else pad_id))
+  return _caption(StaticGraph(graphdef), state, jnp.asarray(images, jnp.float32),
+                  jnp.asarray(question, jnp.int32), jnp.asarray(question_len, jnp.int32),
+                  typed_key(key if key is not None else jax.random.key(0)),
+                  jnp.asarray(top_p if sample else 1.0, jnp.float32),
+                  jnp.asarray(mc.eos_id if eos_id is None else eos_id, jnp.int32),
+                  jnp.asarray(mc.pad_id if pad_id is None else pad_id, jnp.int32),
+                  max_tokens=int(max_tokens), sample=sample)
 
 
 def strip_after_eos(ids, eos_id: int) -> list[list[int]]:
