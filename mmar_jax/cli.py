@@ -34,7 +34,7 @@ def _convert_args(p: argparse.ArgumentParser, kind: str):
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--params", default="ema", choices=("ema", "raw"))
     p.add_argument("--out", required=True)
-    if kind == "jax-to-hf":
+    if kind in ("jax-to-hf", "jax-to-safetensors"):
       p.add_argument("--dtype", default=None, choices=("bf16", "fp32"),
                      help="output dtype (default: the stored one)")
       p.add_argument("--max-shard-size", default="5GB")
@@ -46,17 +46,37 @@ def _convert_args(p: argparse.ArgumentParser, kind: str):
 def _train_args(p):
   p.add_argument("--config", default=None, help="config file[:variant]")
   p.add_argument("--workdir", required=True)
+  _distributed_args(p)
 
 
-def _hf_parity_args(p):
-  p.add_argument("--hf", default=None, help="HuggingFace Qwen2 directory (default: a tiny random one)")
-  p.add_argument("--prompt-ids", default=None, help=".npy int array [seq]")
-  p.add_argument("--dump-logits", default=None, help="write the JAX logits [seq, vocab] float32 here")
-  p.add_argument("--atol", type=float, default=1e-4)
-  p.add_argument("--max-kl", type=float, default=1e-6)
-  p.add_argument("--min-argmax", type=float, default=0.999,
-                 help="least fraction of positions whose argmax agrees")
-  p.add_argument("--seq-len", type=int, default=576)
+def _distributed_args(p):
+  p.add_argument("--coordinator", default=None,
+                 help="host:port of process 0 in a multi-process run (default: MMAR_COORDINATOR, "
+                      "or SLURM / TPU detection; see parallel/distributed.py)")
+  p.add_argument("--num-processes", type=int, default=None, help="with --coordinator")
+  p.add_argument("--process-id", type=int, default=None, help="with --coordinator")
+
+
+def _prepare_data_args(p):
+  p.add_argument("--config", required=True, help="config file[:variant] (model.image, init.vae)")
+  p.add_argument("--src", required=True,
+                 help="demo | folder:PATH | jsonl:PATH | wds:GLOB | tfds[:NAME] (data.tfds.*)")
+  p.add_argument("--out", required=True, help="output directory (local or gs://)")
+  p.add_argument("--records-per-shard", type=int, default=10000)
+  p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
+  p.add_argument("--threads", type=int, default=8, help="threads reading and decoding images")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def _eval_args(p):
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--params", default="ema", choices=("ema", "raw"))
+
+
+def _repro_args(p):
+  from mmar_jax.repro import cli as repro_cli  # light: imports nothing heavy at module level
+  repro_cli.add_args(p)
 
 
 def _sample_args(p, kind: str):
@@ -64,9 +84,33 @@ def _sample_args(p, kind: str):
   (sample_cli.add_generate_args if kind == "generate" else sample_cli.add_caption_args)(p)
 
 
+def _bench_memory_args(p):
+  p.add_argument("--config", required=True, help="config file[:variant]")
+  p.add_argument("--topology", default=None,
+                 help="compile for this TPU (v5p-64, v5litepod-256, or a libtpu name such as "
+                      "v5p:2x4x4); needs libtpu. Without it: the (simulated) local devices")
+
+
+def _numerics_args(p):
+  p.add_argument("--workdir", default=None,
+                 help="measure this training run's head (default: train eps, v and x0 demo heads)")
+  p.add_argument("--out", required=True, help="directory for numerics.json, numerics_meta.json, "
+                 "numerics.png")
+  p.add_argument("--fast", action="store_true", help="analytic figures and dtype checks only")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step with --workdir (default: latest)")
+  p.add_argument("--params", default="ema", choices=("ema", "raw"))
+  p.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
+
+
 # name -> (target, add_arguments, help)
 COMMANDS = {
     "train": ("mmar_jax.train.loop:cli_train", _train_args, "train, or resume when --workdir has checkpoints"),
+    "prepare-data": ("mmar_jax.data.prepare:cli_prepare_data", _prepare_data_args,
+                     "images + captions -> encoded latents in ArrayRecord shards (data.source latents:DIR)"),
+    "repro": ("mmar_jax.repro.cli:cli_repro", _repro_args,
+              "reproducibility checks: a pass/fail table, non-zero exit on failure"),
+    "eval": ("mmar_jax.evaluate:cli_eval", _eval_args,
+             "the demo's held-out evaluation: understanding and generation accuracy, pictures"),
     "generate": ("mmar_jax.sample.cli:cli_generate", lambda p: _sample_args(p, "generate"),
                  "text to image (no --prompt: unconditional)"),
     "caption": ("mmar_jax.sample.cli:cli_caption", lambda p: _sample_args(p, "caption"),
@@ -76,17 +120,15 @@ CONVERT = {
     name: (target, lambda p, name=name: _convert_args(p, name), help_)
     for name, target, help_ in (
         ("hf-to-jax", "mmar_jax.convert.hf:cli_hf_to_jax", "HuggingFace Qwen2 directory -> JAX params"),
-        ("jax-to-hf", "mmar_jax.convert.hf:cli_jax_to_hf", "JAX backbone -> HuggingFace Qwen2 directory"),
+        ("jax-to-hf", "mmar_jax.convert.export:cli_jax_to_hf", "JAX backbone -> HuggingFace Qwen2 directory"),
         ("mar-vae", "mmar_jax.convert.mar_vae:cli_mar_vae", "MAR KL-16 VAE -> JAX"),
-        ("jax-to-mar-vae", "mmar_jax.convert.mar_vae:cli_jax_to_mar_vae", "JAX VAE -> MAR layout safetensors"),
+        ("jax-to-mar-vae", "mmar_jax.convert.export:cli_jax_to_mar_vae", "JAX VAE -> MAR layout safetensors"),
         ("mar-head", "mmar_jax.convert.mar_head:cli_mar_head", "MAR diffusion head -> JAX"),
-        ("jax-to-mar-head", "mmar_jax.convert.mar_head:cli_jax_to_mar_head",
+        ("jax-to-mar-head", "mmar_jax.convert.export:cli_jax_to_mar_head",
          "JAX head -> MAR layout safetensors"),
+        ("jax-to-safetensors", "mmar_jax.convert.export:cli_jax_to_safetensors",
+         "a training workdir's whole model -> safetensors under documented names + mmar_config.json"),
     )
-}
-REPRO = {
-    "hf-parity": ("mmar_jax.repro.hf_parity:cli_hf_parity", _hf_parity_args,
-                  "JAX backbone vs the PyTorch model of a HuggingFace directory"),
 }
 
 
@@ -100,12 +142,19 @@ BENCH = {
            help_)
     for what, help_ in (("train", "train-step time, tokens/s, MFU, peak memory"),)
 }
+BENCH["memory"] = ("mmar_jax.train.memory:cli_bench_memory", _bench_memory_args,
+                   "the train step's memory per device from an ahead-of-time compile")
+
+DIAGNOSE = {
+    "numerics": ("mmar_jax.diffusion.diagnose:cli_numerics", _numerics_args,
+                 "bf16 error of eps / v / x0 parameterisations: table, numerics.json, plot"),
+}
 
 # group -> (help, {name -> (target, add_arguments, help)}); a group's subcommand is `args.<group>`.
 GROUPS = {
     "convert": ("weights across frameworks", CONVERT),
-    "repro": ("reproducibility checks", REPRO),
     "bench": ("throughput and memory benchmarks, one JSON line", BENCH),
+    "diagnose": ("numerical diagnostics", DIAGNOSE),
 }
 
 
@@ -158,6 +207,12 @@ def main(argv=None) -> int:
   if getattr(args, "mesh", None):
     overrides.append(("mesh", args.mesh))
   args.config_overrides = overrides
+  if args.command == "repro":
+    from mmar_jax.repro.cli import prepare_environment
+    for note in prepare_environment():
+      print(f"[repro] {note}", file=sys.stderr)
+    # Simulated devices only affect the CPU platform: harmless where an accelerator is present.
+    args.cpu_devices = args.cpu_devices or 8
   setup_jax_environment(args.cpu_devices)
   module_name, func_name = args.target.split(":")
   import importlib

@@ -4,6 +4,8 @@ is one of several.
 Call `maybe_initialize()` first thing in a command that may run on several hosts, before any
 other JAX call (JAX fixes its device list at the first one). Where the facts come from, first
 match wins:
+  * Command-line flags `--coordinator host:port --num-processes N --process-id I` (`mmar-jax
+    train`), which `with_flags` turns into the variables below.
   * `MMAR_DISTRIBUTED=0` (or off / false / no): never join, even on a cluster.
   * `MMAR_COORDINATOR=host:port` with `MMAR_NUM_PROCESSES` and `MMAR_PROCESS_ID`: explicit, as
     `launch/slurm.sbatch` and `launch/multinode.sh` set them. Inside a SLURM step the count and
@@ -56,18 +58,35 @@ def _explicit(env: Mapping[str, str]) -> dict:
 
 def _int(env: Mapping[str, str], name: str, fallback: str | None = None,
          default: int | None = None) -> int:
-  raw = env.get(name)
+  used, raw = name, env.get(name)
   if raw is None and fallback:
-    name, raw = fallback, env.get(fallback)
+    used, raw = fallback, env.get(fallback)
   if raw is None:
     if default is not None:
       return default
     wanted = name if not fallback else f"{name} (or {fallback})"
     raise ConfigError(f"MMAR_COORDINATOR is set but {wanted} is not")
+  name = used
   try:
     return int(raw)
   except ValueError:
     raise ConfigError(f"{name}={raw!r} is not an integer") from None
+
+
+def with_flags(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, environ: Mapping[str, str] | None = None) -> dict:
+  """The environment with command-line flags laid over it (flags win over variables)."""
+  env = dict(os.environ if environ is None else environ)
+  if coordinator:
+    env["MMAR_COORDINATOR"] = coordinator
+    env.pop("MMAR_DISTRIBUTED", None)  # an explicit coordinator means: join
+  elif num_processes is not None or process_id is not None:
+    raise ConfigError("--num-processes and --process-id need --coordinator host:port")
+  if num_processes is not None:
+    env["MMAR_NUM_PROCESSES"] = str(num_processes)
+  if process_id is not None:
+    env["MMAR_PROCESS_ID"] = str(process_id)
+  return env
 
 
 def maybe_initialize(environ: Mapping[str, str] | None = None) -> dict | None:
@@ -80,3 +99,16 @@ def maybe_initialize(environ: Mapping[str, str] | None = None) -> dict | None:
   if not jax.distributed.is_initialized():
     jax.distributed.initialize(**kwargs)
   return kwargs
+
+
+def barrier(name: str, timeout_s: int = 3600):
+  """Every process waits here until all have arrived (a no-op for one process).
+
+  Through the coordination service, not a device collective: on CPU the first use of a
+  collective gives its peers only 30 s to join (gloo), and one process's compile can lag the
+  other's by more than that; so training compiles its step everywhere, then meets here."""
+  import jax
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost
+  multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))

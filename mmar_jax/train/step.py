@@ -55,9 +55,10 @@ def build(config: ml_collections.ConfigDict, model_cfg: MMARConfig, mesh: Mesh) 
   tx, sched = opt.make_optimizer(abstract_state, config.train, config.steps, special)
   abstract_params = abstract_state.to_pure_dict()
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_specs = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, pspecs,
-                                    transform_non_params=lambda _: P(),
-                                    is_leaf=lambda x: isinstance(x, P))
+  # Frozen leaves have no optimizer state (MaskedNode): keep them as they are.
+  opt_specs = optax.tree_map_params(
+      tx, lambda p, s: p if isinstance(p, optax.MaskedNode) else s, abstract_opt, pspecs,
+      transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, (P, optax.MaskedNode)))
   specs = dict(step=P(), skipped=P(), params=pspecs, ema=pspecs, opt_state=opt_specs)
   return Trainer(config=config, model_cfg=model_cfg, mesh=mesh, graphdef=graphdef,
                  abstract_state=abstract_state, tx=tx, sched=sched,
