@@ -24,6 +24,7 @@ from mmar_jax.models.diffusion_head import DiffusionHead, HeadConfig
 from mmar_jax.models.image_tokenizer import make_image_tokenizer, sample_posterior, token_spec
 from mmar_jax.models.qwen2 import Qwen2, Qwen2Config
 from mmar_jax.models.vit import EmbeddingViT, VisProjector, ViTConfig
+from mmar_jax.parallel.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,8 +168,9 @@ class MMAR(nnx.Module):
     positions = jnp.tile(jnp.arange(n), b) if cfg.head.n_positions else None
     # Draws are stored per example [B, N, mul]; the loss wants draw-major rows (d * B N + r).
     draw_major = lambda a: jnp.moveaxis(a, 2, 0).reshape(-1, *a.shape[3:])
+    rows = lambda a: constrain(a, ("batch",) + (None,) * (a.ndim - 1))  # head rows: data-parallel
     image_sum, _ = parameterization.diffusion_loss(
-        lambda xt, t, zz: self.head(xt, t, zz, None if positions is None else
+        lambda xt, t, zz: self.head(rows(xt), rows(t), rows(zz), None if positions is None else
                                     jnp.tile(positions, prep["t"].shape[-1])),
         prep["tokens"].reshape(b * n, c), z.reshape(b * n, -1), prep["masked"].reshape(b * n),
         draw_major(prep["t"]), draw_major(prep["noise"]), prediction=cfg.head.prediction,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmar_jax.models import attention as attn
+from mmar_jax.parallel.sharding import constrain
 from mmar_jax.models.layers import Linear, layer_norm, normal_002, ones, param, xavier, zeros
 
 
@@ -69,6 +70,7 @@ class EmbeddingViT(nnx.Module):
     h = self.in_proj(tokens, dtype)
     h = jnp.where(masked[..., None], self.mask_token[...].astype(dtype), h)
     h = h + self.pos_embed[...].astype(dtype)
+    h = constrain(h, ("batch", "length", "act_embed"))  # the ViT runs data-parallel, like the LLM
     mask = jnp.ones((h.shape[0], 1, h.shape[1], h.shape[1]), bool)
     block = functools.partial(_vit_block, heads=cfg.heads, eps=cfg.eps, mask=mask, dtype=dtype)
     weights = {k: v[...] for k, v in self.blocks.items()}
@@ -104,7 +106,7 @@ def _vit_block(x, w, *, heads, eps, mask, dtype):
   x = x + o @ c(w["proj_kernel"]) + c(w["proj_bias"])
   y = layer_norm(x, w["ln2_scale"], w["ln2_bias"], eps)
   y = jax.nn.gelu(y @ c(w["fc1_kernel"]) + c(w["fc1_bias"]), approximate=False)
-  return x + y @ c(w["fc2_kernel"]) + c(w["fc2_bias"])
+  return constrain(x + y @ c(w["fc2_kernel"]) + c(w["fc2_bias"]), ("batch", "length", "act_embed"))
 
 
 class VisProjector(nnx.Module):
