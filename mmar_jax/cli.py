@@ -140,7 +140,10 @@ def _bench_args(p):
 BENCH = {
     what: ("mmar_jax.bench:cli_bench", lambda p, what=what: (_bench_args(p), p.set_defaults(what=what)),
            help_)
-    for what, help_ in (("train", "train-step time, tokens/s, MFU, peak memory"),)
+    for what, help_ in (("train", "train-step time, tokens/s, MFU, peak memory"),
+                        ("generate", "text-to-image images/s (masked AR with guidance)"),
+                        ("caption", "image-to-text tokens/s (KV-cached decoding)"),
+                        ("convert", "hf-to-jax + jax-to-hf time of a random checkpoint"))
 }
 BENCH["memory"] = ("mmar_jax.train.memory:cli_bench_memory", _bench_memory_args,
                    "the train step's memory per device from an ahead-of-time compile")

@@ -1,0 +1,31 @@
+"""`mmar-jax bench`: each benchmark runs and prints one JSON line with its keys."""
+
+import json
+
+import pytest
+
+from mmar_jax import cli
+
+KEYS = {"median_step_s", "compile_s", "tokens_per_s", "images_per_s", "mfu", "peak_bytes", "device"}
+
+
+@pytest.mark.parametrize("what", ["train", "generate", "caption", "convert"])
+def test_bench_prints_its_keys(what, capsys):
+  extra = ["--config.eval.ar_steps=4", "--config.eval.diffusion_steps=5"] if what == "generate" else []
+  rc = cli.main(["bench", what, "--config", "configs/tiny.py", "--steps", "2",
+                 "--config.mesh=1,-1,1", *extra])
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  assert rc == 0 and len(lines) == 1
+  result = json.loads(lines[0])
+  assert KEYS <= set(result), KEYS - set(result)
+  assert result["median_step_s"] > 0 and result["bench"] == what
+  if what == "train":
+    assert result["tokens_per_s"] > 0 and result["flops_per_step"] > 0
+    assert result["mfu"] is None  # CPU: no known peak unless --config.peak_flops
+
+
+def test_bench_train_mfu_with_a_given_peak(capsys):
+  rc = cli.main(["bench", "train", "--config", "configs/tiny.py", "--steps", "1",
+                 "--config.mesh=1,-1,1", "--config.peak_flops=1e12"])
+  result = json.loads([l for l in capsys.readouterr().out.splitlines() if l.startswith("{")][0])
+  assert rc == 0 and 0 < result["mfu"] < 1
