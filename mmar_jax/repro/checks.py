@@ -100,8 +100,12 @@ def _params_equal(a, b) -> bool:
 # -- the checks ----------------------------------------------------------------------------------
 
 
-def check_determinism(config=None, *, steps: int = 4, seed_b: int | None = None) -> Result:
-  """Two runs with one seed: bit-identical losses, parameters and samples."""
+def check_determinism(config=None, *, steps: int = 4, seed_b: int | None = None,
+                      workdir=None) -> Result:
+  """Two runs with one seed: bit-identical losses, parameters and samples. With `workdir`: the
+  run's own steps, replayed from a checkpoint, against its logged metrics.jsonl."""
+  if workdir:
+    return _replay_run("determinism", workdir, atol=0.0)
   config = config or tiny_config()
   cfg_b = config_lib.apply_overrides(config_lib.from_dict(config_lib.to_dict(config)),
                                      [("seed", str(seed_b))] if seed_b is not None else [])
@@ -117,6 +121,77 @@ def check_determinism(config=None, *, steps: int = 4, seed_b: int | None = None)
                   f"samples identical: {np.array_equal(samples_a, samples_b)}")
 
 
+# -- against a user's run ------------------------------------------------------------------------
+
+
+def _run_context(workdir):
+  """(config, env note, checkpoint steps, logged losses by step) of a training workdir."""
+  from etils import epath
+  from mmar_jax.train.checkpoint import checkpoint_steps
+  from mmar_jax.train.loop import resolve_config
+  from mmar_jax.train.metrics import environment, read_metrics
+  config = resolve_config(workdir, None, [])
+  env_path = epath.Path(workdir) / "env.json"
+  note = ""
+  if env_path.exists():
+    then, now = json.loads(env_path.read_text()), environment()
+    differ = [k for k in ("backend", "device_kind", "device_count") if then.get(k) != now.get(k)]
+    differ += [f"{k} {then['versions'].get(k)}->{now['versions'].get(k)}"
+               for k in ("jax", "jaxlib", "flax") if then.get("versions", {}).get(k) != now["versions"].get(k)]
+    note = "; environment as recorded" if not differ else f"; environment differs: {differ}"
+  logged = {m["step"]: m["loss"] for m in read_metrics(workdir)}
+  return config, note, sorted(checkpoint_steps(workdir)), logged
+
+
+def _run_devices(workdir):
+  """The run's devices (as many as env.json records), so its mesh resolves as it did."""
+  from etils import epath
+  env_path = epath.Path(workdir) / "env.json"
+  count = json.loads(env_path.read_text()).get("device_count") if env_path.exists() else None
+  return jax.devices()[:count] if count and count <= jax.device_count() else None
+
+
+def _restore(workdir, config, step, mesh=None, devices=None):
+  from mmar_jax.data.text_tokenizer import load_text_tokenizer
+  from mmar_jax.models.mmar import model_config
+  from mmar_jax.parallel.mesh import make_mesh
+  from mmar_jax.train.checkpoint import Checkpointer
+  from mmar_jax.train.step import abstract_train_state, build
+  from etils import epath
+  tokenizer = load_text_tokenizer(str(epath.Path(workdir) / "tokenizer"))
+  tr = build(config, model_config(config, tokenizer),
+             make_mesh(mesh or config.mesh, config.mesh_dcn, devices=devices))
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    state, _ = ckpt.restore(step, abstract_train_state(tr))
+  finally:
+    ckpt.close()
+  return state
+
+
+def _replay_run(name, workdir, *, atol: float, mesh: str | None = None) -> Result:
+  """Restore the earliest checkpoint followed by logged steps, re-run up to the last logged step
+  before the next checkpoint, and compare the losses with metrics.jsonl."""
+  config, note, steps, logged = _run_context(workdir)
+  for s in steps:
+    later = [k for k in logged if k > s]
+    if later:
+      break
+  else:
+    return Result(name, "skip", detail=f"{workdir}: no checkpoint followed by logged steps")
+  end = min(later + [k for k in steps if k > s])
+  targets = sorted(k for k in logged if s < k <= end)
+  devices = None if mesh else _run_devices(workdir)
+  state = _restore(workdir, config, s, mesh, devices)
+  losses, _, _ = run_steps(config, end - s, state=state, start=s, mesh=mesh, devices=devices)
+  ours = np.asarray([losses[k - s - 1] for k in targets])
+  ref = np.asarray([logged[k] for k in targets])
+  diff = float(np.max(np.abs(ours - ref)))
+  return _verdict(name, diff <= atol, diff, atol,
+                  f"steps {s + 1}..{end} replayed from checkpoint {s}"
+                  + (f" on mesh {mesh}" if mesh else "") + f", {len(targets)} logged losses{note}")
+
+
 def _samples(tr, params, config) -> np.ndarray:
   from mmar_jax.data.text_tokenizer import load_text_tokenizer
   from mmar_jax.sample.image import generate_images
@@ -126,15 +201,18 @@ def _samples(tr, params, config) -> np.ndarray:
 
 
 def check_resume(config=None, *, steps: int = 6, skip_batch: bool = False, workdir=None) -> Result:
-  """N steps straight equal N/2 + checkpoint + restart + N/2 (through a real orbax checkpoint)."""
+  """N steps straight equal N/2 + checkpoint + restart + N/2 (through a real orbax checkpoint).
+  With `workdir`: a restart from one stored checkpoint reproduces the next one bit for bit."""
   from mmar_jax.train.checkpoint import Checkpointer
   from mmar_jax.train.step import abstract_train_state
+  if workdir:
+    return _resume_run(workdir)
   config = config or tiny_config()
   half = steps // 2
   straight, s_full, _ = run_steps(config, steps)
   first, s_half, tr = run_steps(config, half)
   with tempfile.TemporaryDirectory() as tmp:
-    ckpt = Checkpointer(workdir or tmp, async_save=False)
+    ckpt = Checkpointer(tmp, async_save=False)
     ckpt.save(half, s_half, dict(step=half), force=True)
     ckpt.wait()
     restored, _ = ckpt.restore(half, abstract_train_state(tr))
@@ -149,8 +227,15 @@ def check_resume(config=None, *, steps: int = 6, skip_batch: bool = False, workd
 
 
 def check_mesh(config=None, *, steps: int = 4, meshes=("1,8,1", "2,2,2"), atol: float = 1e-5,
-               key_by_device: bool = False) -> Result:
-  """The same steps on two mesh shapes agree within `atol` (fp32 compute)."""
+               key_by_device: bool = False, workdir=None) -> Result:
+  """The same steps on two mesh shapes agree within `atol` (fp32 compute). With `workdir`: the
+  run's logged steps replayed on another mesh (all devices on fsdp, or on data when the run
+  used fsdp), within `atol` times 10 per the run's compute dtype."""
+  if workdir:
+    config, _, _, _ = _run_context(workdir)
+    other = "1,-1,1" if config.mesh.replace(" ", "") != "1,-1,1" else "-1,1,1"
+    tol = atol if config.model.compute_dtype == "float32" else 1e-2
+    return _replay_run("mesh", workdir, atol=tol, mesh=other)
   config = config or tiny_config()
   if jax.device_count() < 8:
     return Result("mesh", "skip", detail=f"needs 8 devices, have {jax.device_count()}")
@@ -158,6 +243,28 @@ def check_mesh(config=None, *, steps: int = 4, meshes=("1,8,1", "2,2,2"), atol: 
   lb, _, _ = run_steps(config, steps, mesh=meshes[1], key_by_device=key_by_device)
   diff = float(np.max(np.abs(la - lb)))
   return _verdict("mesh", diff <= atol, diff, atol, f"meshes {meshes[0]} vs {meshes[1]}, {steps} steps")
+
+
+def _resume_run(workdir) -> Result:
+  from mmar_jax.train.checkpoint import Checkpointer
+  from mmar_jax.train.step import abstract_train_state
+  config, note, steps, _ = _run_context(workdir)
+  if len(steps) < 2:
+    return Result("resume", "skip", detail=f"{workdir}: needs two checkpoints, has {steps}")
+  a, b = steps[-2], steps[-1]
+  devices = _run_devices(workdir)
+  state = _restore(workdir, config, a, devices=devices)
+  _, ours, tr = run_steps(config, b - a, state=state, start=a, devices=devices)
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    stored, _ = ckpt.restore(b, abstract_train_state(tr))
+  finally:
+    ckpt.close()
+  same = _params_equal(ours["params"], stored["params"])
+  worst = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
+              zip(jax.tree.leaves(ours["params"]), jax.tree.leaves(stored["params"])))
+  return _verdict("resume", same, worst, 0.0,
+                  f"restart from checkpoint {a} to {b} vs the stored checkpoint {b}{note}")
 
 
 def golden_key() -> str:
