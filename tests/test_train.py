@@ -139,3 +139,15 @@ def test_converted_hf_backbone_loads_through_init(tmp_path, bytes_tokenizer):
   with torch.no_grad():
     ref = ref_model(torch.tensor(ids)).logits.numpy()
   np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_check_finite_switch_stops_at_a_nonfinite_loss(tiny_mcfg, demo_batcher):
+  """train.check_finite: chex checks inside the jitted step (chexify) raise on a NaN loss."""
+  tr = build(tiny_config(("train.check_finite", "true")), tiny_mcfg,
+             make_mesh("1,1,1", devices=jax.devices()[:1]))
+  step = make_train_step(tr)
+  state, _ = step(init_state(tr), global_batch(demo_batcher, 0, tr.batch_sharding))
+  bad = demo_batcher.local_batch(1)
+  bad["image"][0, 0, 0, 0] = np.nan
+  with pytest.raises(Exception, match="finite"):
+    step(state, jax.device_put(bad, tr.batch_sharding))

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -124,6 +125,8 @@ def make_train_step(tr: Trainer):
                                             state["params"]))
       (loss, parts, grads), _ = jax.lax.scan(body, zeros, _split_micro(prep, accum))
     grad_norm = optax.global_norm(grads)
+    if cfg.train.check_finite:  # debugging switch: stop at the first non-finite loss (host sync)
+      chex.assert_tree_all_finite((loss, parts))
     finite = jnp.isfinite(grad_norm)
     updates, new_opt = tr.tx.update(grads, state["opt_state"], state["params"])
     new_params = optax.apply_updates(state["params"], updates)
@@ -144,11 +147,12 @@ def make_train_step(tr: Trainer):
 
   jitted = jax.jit(step_fn, in_shardings=(tr.state_shardings, tr.batch_sharding),
                    out_shardings=(tr.state_shardings, None), donate_argnums=(0,))
+  checked = chex.chexify(jitted, async_check=False) if cfg.train.check_finite else jitted
 
   @functools.wraps(step_fn)
   def run(state, batch):
     with jax.set_mesh(tr.mesh), sharding.use_rules(cfg.sharding_rules):
-      return jitted(state, batch)
+      return checked(state, batch)
 
   run.jitted = jitted
   return run
