@@ -258,7 +258,7 @@ def test_cli_refusals(tmp_path, capsys):
   assert "keep" not in os.listdir(out) and os.path.isdir(os.path.join(out, "params"))
   assert cli.main(["convert", "jax-to-hf", "--ckpt", out, "--out", out]) == 2  # itself exists
   assert cli.main(["convert", "jax-to-hf", "--workdir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-  assert "not yet: --workdir" in capsys.readouterr().err
+  assert "is not a training workdir" in capsys.readouterr().err
   assert cli.main(["convert", "hf-to-jax", "--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
   assert "not found" in capsys.readouterr().err
 

@@ -259,4 +259,4 @@ def test_cli_mar_checkpoint_round_trip_and_prediction_guard(tmp_path, mar_state_
 
   assert main(["convert", "jax-to-mar-head", "--workdir", str(tmp_path), "--out", f1,
                "--overwrite"]) == 2
-  assert "not supported yet" in capsys.readouterr().err
+  assert "is not a training workdir" in capsys.readouterr().err

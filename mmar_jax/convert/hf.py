@@ -476,9 +476,6 @@ def cli_hf_to_jax(args) -> int:
 
 
 def cli_jax_to_hf(args) -> int:
-  if getattr(args, "workdir", None):
-    raise ConversionError("not yet: --workdir needs the training workdir support; "
-                          "use --ckpt DIR (an hf-to-jax output) for now")
   if getattr(args, "step", None) is not None:
     raise ConversionError("--step applies to --workdir only; a --ckpt directory holds one set of params")
   from mmar_jax.convert.params_io import load_params

@@ -246,9 +246,6 @@ def cli_jax_to_mar_head(args) -> int:
   from mmar_jax.convert import safetensors_io
   from mmar_jax.convert.params_io import load_params, read_json
 
-  if getattr(args, "workdir", None):
-    raise ConversionError("jax-to-mar-head --workdir is not supported yet (it comes with training "
-                          "checkpoints); export from a converter output with --ckpt DIR")
   if not args.out.endswith(".safetensors"):
     raise ConversionError(f"--out must be a .safetensors file, got {args.out}")
   try:

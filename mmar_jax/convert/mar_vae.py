@@ -183,9 +183,6 @@ def cli_jax_to_mar_vae(args) -> int:
 
   from mmar_jax.convert.common import atomic_output
   from mmar_jax.convert.params_io import load_params, read_json
-  if getattr(args, "workdir", None):
-    raise ConversionError("jax-to-mar-vae --workdir is not supported yet (it comes with training "
-                          "checkpoints); pass --ckpt DIR, a `convert mar-vae` output")
   if not args.out.endswith(".safetensors"):
     raise ConversionError(f"--out {args.out}: expected a .safetensors file name")
   try:

@@ -2,7 +2,13 @@
 
 Resuming (design.md): the base config is WORKDIR/config.json, then `--config CFG` if given, then
 the `--config.key=value` overrides; keys that change the model's shapes must match the stored ones.
-`step` counts completed updates; checkpoints/<s>/ holds the state after s updates.
+`step` counts completed updates; checkpoints/<s>/ holds the state after s updates and the data
+position (the global example index the next step starts at), so a resumed run reads the examples
+an uninterrupted one would have, on any number of processes (data/pipeline.py).
+
+Preemption: SIGTERM makes the run finish its step, save it and exit 0 (`Preemption`).
+Several processes (`jax.distributed`, joined in `cli_train` before any JAX computation) run
+this same program; each builds only its rows of every global batch.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 
 import jax
@@ -72,16 +79,27 @@ def _check_shapes(old: dict, new: dict, what: str):
 
 class Preemption:
   """SIGTERM (a preemption notice) sets a flag checked every step; with several processes all
-  agree on the step through JAX's preemption sync point."""
+  agree on the step through JAX's preemption sync point (its coordination service catches the
+  signal on each host), so they all save the same step.
+
+  Installed before the model is built, so a notice that comes while compiling is not lost: the
+  run then saves after its first step."""
 
   def __init__(self):
     self.flag = False
     self.multi = jax.process_count() > 1
-    if not self.multi:
-      signal.signal(signal.SIGTERM, self._handler)
+    self.previous = None
+    if not self.multi and threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGTERM, self._handler)
 
   def _handler(self, *_):
     self.flag = True
+
+  def close(self):
+    """Gives SIGTERM back to whoever had it (train() may run inside a longer-lived process)."""
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
+      self.previous = None
 
   def reached(self, step: int) -> bool:
     if self.multi:
@@ -104,18 +122,25 @@ def setup(config, workdir):
 
 
 def make_source(config, split: str = "train"):
-  source = config.data.source
-  if source == "demo":
-    from mmar_jax.data.shapes import ShapesDataset, ShapesSpec
-    return ShapesDataset(ShapesSpec(image_size=config.model.image.size, seed=config.seed), split=split)
-  raise config_lib.ConfigError(f"unknown data.source {source!r}")
+  """The record source `data.source` names (data/sources.py)."""
+  from mmar_jax.data.sources import make_source as make
+  return make(config, split=split)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None,
           progress: bool = True) -> dict:
   """Trains until `config.steps` (or `stop_at`); returns the final state. Resumes from the latest
-  checkpoint in `workdir`."""
-  from mmar_jax.data.pipeline import Batcher, global_batch
+  checkpoint in `workdir`. SIGTERM makes it save and raise SystemExit(0)."""
+  preempt = Preemption()
+  try:
+    return _train(config, workdir, preempt, stop_at, progress)
+  finally:
+    preempt.close()
+
+
+def _train(config, workdir, preempt, stop_at, progress):
+  from mmar_jax.data.pipeline import local_rows, make_batcher, to_global
+  from mmar_jax.parallel import distributed
   from mmar_jax.train import flops as flops_lib
   from mmar_jax.train.checkpoint import Checkpointer
   from mmar_jax.train.metrics import MetricsWriter, environment, peak_flops
@@ -132,10 +157,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
       tokenizer.save(str(wd / "tokenizer"))
     (wd / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=2, sort_keys=True) + "\n")
 
+  distributed.barrier("mmar_setup_done")  # the restore below starts with collectives
   ckpt = Checkpointer(wd, keep=config.train.keep_checkpoints, save_every=config.train.checkpoint_every)
   latest = ckpt.latest_step()
+  batch_size = int(config.train.batch_size)
+  position = 0
   if latest is not None:
-    state, _ = ckpt.restore(latest, abstract_train_state(tr))
+    state, meta = ckpt.restore(latest, abstract_train_state(tr))
+    position = int(meta.get("data_position", latest * batch_size))
+    log.info("resuming from %s at step %d, global example %d", ckpt.directory / str(latest),
+             latest, position)
   else:
     state = init_state(tr)
     state = load_pretrained(config, tr, state)
@@ -146,32 +177,38 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     ckpt.close()
     return state
 
-  batcher = Batcher(make_source(config), tokenizer, batch_size=config.train.batch_size,
-                    max_text_len=mcfg.max_text_len, seed=config.seed, mix=config.data.mix,
-                    random_flip=config.data.random_flip, long_caption=config.data.long_caption,
-                    process_index=jax.process_index(), process_count=jax.process_count())
+  batcher = make_batcher(config, make_source(config), tokenizer, mcfg.max_text_len)
+  batcher.resume(start, position)
+  rows = local_rows(tr.batch_sharding, batch_size)  # the global batch rows this process builds
+  batches = batcher.batches(start, rows, threads=config.data.threads, prefetch=config.data.prefetch)
+  put = lambda local: to_global(local, tr.batch_sharding, batch_size)
   step_fn = make_train_step(tr)
   writer = MetricsWriter(wd)
-  preempt = Preemption()
   flops_per_step = flops_lib.train_step_flops(mcfg, config)
   peak = peak_flops(override=config.peak_flops)
   bar = _progress(total, start, progress and jax.process_index() == 0)
-  meta = lambda s: dict(step=s, data_position=s * config.train.batch_size,
-                        batch_size=config.train.batch_size)
-  nxt = global_batch(batcher, start, tr.batch_sharding)
+  meta = lambda s: dict(step=s, data_position=batcher.position(s), batch_size=batch_size,
+                        seed=config.seed, process_count=jax.process_count(),
+                        mesh=[int(n) for n in tr.mesh.devices.shape])
+  local = next(batches)
+  nxt = put(local)
+  step_fn = _compiled(step_fn, tr, state, nxt)
   t_last, last_logged = time.perf_counter(), start
   for step in range(start, total):
-    batch = nxt
+    batch, text_len = nxt, local["text_len"]
     state, metrics = step_fn(state, batch)
     if step + 1 < total:  # build the next batch while the device works
-      nxt = global_batch(batcher, step + 1, tr.batch_sharding)
+      local = next(batches)
+      nxt = put(local)
     done = step + 1
     if done % config.train.log_every == 0 or done == start + 1 or done == total:
       metrics = jax.device_get(metrics)
       now = time.perf_counter()
       step_time = (now - t_last) / max(done - last_logged, 1)
       t_last, last_logged = now, done
-      tokens = float(np.sum(jax.device_get(batch["text_len"]))) + config.train.batch_size * (mcfg.num_image_tokens + 2)
+      # From this process's rows (a global batch spans processes), scaled to the whole batch.
+      text_tokens = float(np.sum(text_len)) * batch_size / len(rows)
+      tokens = text_tokens + batch_size * (mcfg.num_image_tokens + 2)
       record = {k: float(v) for k, v in metrics.items()}
       record.update(step=done, skipped_steps=int(metrics["skipped_steps"]), step_time_s=step_time,
                     tokens_per_s=tokens / step_time,
@@ -181,14 +218,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
       line = (f"step {done}/{total} loss {record['loss']:.4f} text {record['loss_text']:.4f} "
               f"image {record['loss_image']:.4f} grad_norm {record['grad_norm']:.3f} "
               f"lr {record['lr']:.2e} {step_time:.3f}s/step")
-      bar.write(line) if bar else print(line, flush=True)
+      if jax.process_index() == 0:  # one console line per step, not one per host
+        bar.write(line) if bar else print(line, flush=True)
     if bar:
       bar.update(1)
     if preempt.reached(done):
       ckpt.save(done, state, meta(done), force=True)
       ckpt.close()
-      log.warning("preemption notice: saved step %d and stopping", done)
       writer.close()
+      if bar:
+        bar.close()
+      log.warning("preemption notice: saved step %d and stopping", done)
       raise SystemExit(0)
     ckpt.save(done, state, meta(done), force=(done == total))
   ckpt.close()
@@ -196,6 +236,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   if bar:
     bar.close()
   return state
+
+
+def _compiled(step_fn, tr, state, batch):
+  """The train step compiled ahead of its first call, on every process before any of them runs
+  it (a collective's peers must join it together; see distributed.barrier)."""
+  from mmar_jax.parallel import distributed, sharding
+  with jax.set_mesh(tr.mesh), sharding.use_rules(tr.config.sharding_rules):
+    compiled = step_fn.jitted.lower(state, batch).compile()
+  distributed.barrier("mmar_train_step_compiled")
+  return compiled
 
 
 def _progress(total, start, enabled):
@@ -223,6 +273,11 @@ def load_pretrained(config, tr, state):
 
 
 def cli_train(args) -> int:
+  from mmar_jax.parallel import distributed
+  # Before any JAX computation: a multi-process run joins here (flags, else the environment).
+  distributed.maybe_initialize(distributed.with_flags(
+      getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+      getattr(args, "process_id", None)))
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)

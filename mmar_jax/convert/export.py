@@ -1,0 +1,370 @@
+"""Weights out of a training workdir: `convert jax-to-hf / jax-to-mar-vae / jax-to-mar-head /
+jax-to-safetensors --workdir DIR [--step N] [--params ema|raw] --out ...`.
+
+One helper, `workdir_params`, restores a checkpoint's params (EMA by default) or just one module
+of them (`backbone`, `head`, `image_tokenizer`, ...: orbax reads only that subtree) onto the
+host, with the model config the run stored; each command hands its subtree to the converter
+that already exists for `--ckpt` directories (convert/hf.py, mar_vae.py, mar_head.py), and
+without --workdir the commands are exactly those converters.
+
+jax-to-hf keeps the model's whole vocabulary (the <boi>/<eoi> rows are in the embedding) and
+records their ids (method.md §1.6) in config.json (`boi_token_id`, `eoi_token_id`, and an
+`mmar` block); a HuggingFace tokenizer gets `<boi>`/`<eoi>` as added special tokens at those ids
+when they are the next ids after its own (the usual case: the first spare rows), and the ids in
+`tokenizer_config.json` otherwise.
+
+jax-to-safetensors writes the whole model for users who bring their own PyTorch code,
+`model.safetensors` (sharded with `model.safetensors.index.json` above --max-shard-size) and
+`mmar_config.json` (the model config, the token ids, the step, and the naming rules below), plus
+the text tokenizer under `tokenizer/`. Names, all in PyTorch layout (Linear weights [out, in],
+conv weights [out, in, kh, kw], one tensor per layer):
+  backbone.*         HuggingFace Qwen2 names: backbone.model.embed_tokens.weight,
+                     backbone.model.layers.{i}.self_attn.q_proj.weight, ..., backbone.lm_head.weight
+  vae.*              MAR's KL-16 names (encoder.*, decoder.*, quant_conv.*, post_quant_conv.*)
+  diffloss.net.*     MAR's diffusion head names (and diffusion_pos_embed_learned when present)
+  vit.*, projector.* our module paths with the stacked `blocks` axis split into `blocks.{i}.`;
+                     a leaf `X_kernel` / `kernel` becomes `X.weight` / `weight` [out, in], `X_bias`
+                     `X.bias`, `X_scale` / `scale` (norm gains) `X.weight` / `weight`; other leaves
+                     (mask_token, pos_embed) keep their name and shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from typing import Callable
+
+import numpy as np
+from etils import epath
+
+from mmar_jax.convert.common import ConversionError, atomic_output
+
+SAFETENSORS_CONFIG = "mmar_config.json"
+FORMAT = "mmar_jax.safetensors/1"
+
+
+# -- a workdir's params -----------------------------------------------------------------------------
+
+
+def workdir_model_config(workdir: str):
+  """(MMARConfig, training config) as the run stored them."""
+  from mmar_jax.models.mmar import MMARConfig
+  wd = epath.Path(workdir)
+  if not (wd / "config.json").exists():
+    raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json)")
+  from mmar_jax.train.loop import resolve_config
+  config = resolve_config(workdir, None, [])
+  stored = wd / "model_config.json"
+  if stored.exists():
+    return MMARConfig.from_dict(json.loads(stored.read_text())), config
+  from mmar_jax.data.text_tokenizer import load_text_tokenizer
+  from mmar_jax.models.mmar import model_config
+  tok = wd / "tokenizer"
+  return model_config(config, load_text_tokenizer(str(tok) if tok.exists() else config.text_tokenizer)), config
+
+
+def abstract_params(mcfg) -> dict:
+  """The model's params as ShapeDtypeStructs on this host's first device (nothing allocated)."""
+  import jax
+  from flax import nnx
+
+  from mmar_jax.models.mmar import MMAR
+  shapes = nnx.split(nnx.eval_shape(lambda: MMAR(mcfg, rngs=nnx.Rngs(0))))[1].to_pure_dict()
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+
+
+def workdir_params(workdir: str, step: int | None = None, which: str = "ema",
+                   module: str | None = None) -> tuple[dict, object, int]:
+  """(params as host numpy arrays, MMARConfig, step): the whole model, or one top-level module."""
+  import jax
+
+  from mmar_jax.train.checkpoint import restore_params
+  mcfg, _ = workdir_model_config(workdir)
+  target = abstract_params(mcfg)
+  if module is not None:
+    if module not in target or not jax.tree.leaves(target[module]):
+      raise ConversionError(f"the model in {workdir} has no {module!r} parameters "
+                            f"(modules: {sorted(k for k in target if jax.tree.leaves(target[k]))})")
+    target = {module: target[module]}
+  params, step = restore_params(workdir, step, which, target)
+  params = jax.tree.map(np.asarray, params)
+  return (params[module] if module is not None else params), mcfg, step
+
+
+def _say(msg: str):
+  print(msg, file=sys.stderr, flush=True)
+
+
+# -- jax-to-hf ------------------------------------------------------------------------------------
+
+
+def special_tokens_config(mcfg) -> dict:
+  return {"boi_token_id": mcfg.boi_id, "eoi_token_id": mcfg.eoi_id,
+          "mmar": {"boi_token_id": mcfg.boi_id, "eoi_token_id": mcfg.eoi_id,
+                   "text_vocab_size": mcfg.text_vocab, "image_tokens": mcfg.num_image_tokens}}
+
+
+def tokenizer_with_special_tokens(tokenizer_dir: str, mcfg, staging: str) -> str | None:
+  """A copy of the run's HuggingFace tokenizer with <boi>/<eoi> at the model's ids (method.md
+  §1.6); None for the bytes tokenizer (no HuggingFace files to write)."""
+  from mmar_jax.data.text_tokenizer import HFTokenizer, load_text_tokenizer
+  tok = load_text_tokenizer(tokenizer_dir)
+  if not isinstance(tok, HFTokenizer):
+    return None
+  hf = tok.tokenizer
+  if (mcfg.boi_id, mcfg.eoi_id) == (len(hf), len(hf) + 1):
+    hf.add_tokens(["<boi>", "<eoi>"], special_tokens=True)  # the same call in transformers 4 and 5
+    got = hf.convert_tokens_to_ids(["<boi>", "<eoi>"])
+    if list(got) != [mcfg.boi_id, mcfg.eoi_id]:
+      raise ConversionError(f"<boi>/<eoi> landed at ids {got}, the model uses "
+                            f"{[mcfg.boi_id, mcfg.eoi_id]}")
+  hf.save_pretrained(staging)
+  cfg_path = os.path.join(staging, "tokenizer_config.json")
+  cfg = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
+  cfg.update(boi_token_id=mcfg.boi_id, eoi_token_id=mcfg.eoi_id)
+  with open(cfg_path, "w") as f:
+    json.dump(cfg, f, indent=2, sort_keys=True)
+  return staging
+
+
+def workdir_to_hf(workdir: str, out: str, *, step=None, which="ema", dtype=None,
+                  max_shard_size="5GB", overwrite=False) -> tuple[list[str], int]:
+  import tempfile
+
+  from mmar_jax.convert import hf
+  if os.path.exists(out) and not overwrite:
+    raise ConversionError(f"output {os.path.abspath(out)} exists; pass --overwrite to replace it")
+  params, mcfg, step = workdir_params(workdir, step, which, "backbone")
+  with tempfile.TemporaryDirectory(prefix="mmar-tokenizer-") as staging:
+    tok_dir = epath.Path(workdir) / "tokenizer"
+    tok = tokenizer_with_special_tokens(str(tok_dir), mcfg, staging) if tok_dir.is_dir() else None
+    files = hf.jax_to_hf(params, mcfg.backbone, out, dtype=dtype, max_shard_size=max_shard_size,
+                         tokenizer_dir=tok, overwrite=overwrite,
+                         extra_config=special_tokens_config(mcfg), progress=True)
+  return files, step
+
+
+def cli_jax_to_hf(args) -> int:
+  if not getattr(args, "workdir", None):
+    from mmar_jax.convert import hf
+    return hf.cli_jax_to_hf(args)
+  files, step = workdir_to_hf(args.workdir, args.out, step=args.step, which=args.params,
+                              dtype=args.dtype, max_shard_size=args.max_shard_size,
+                              overwrite=args.overwrite)
+  _say(f"jax-to-hf: {args.params} params of step {step} -> {args.out}: {', '.join(files)}")
+  return 0
+
+
+# -- jax-to-mar-vae / jax-to-mar-head -------------------------------------------------------------
+
+
+def _safetensors_out(out: str):
+  if not out.endswith(".safetensors"):
+    raise ConversionError(f"--out {out}: expected a .safetensors file name")
+
+
+def workdir_vae_tensors(workdir, step=None, which="ema") -> tuple[dict, int]:
+  """MAR-layout VAE tensors of a run whose image tokenizer is a VAE. The VAE is frozen, so EMA
+  and raw agree; either is accepted."""
+  from mmar_jax.convert.mar_vae import jax_to_mar_vae
+  from mmar_jax.models.vae import VAEConfig
+  params, mcfg, step = workdir_params(workdir, step, which, "image_tokenizer")
+  if mcfg.image.get("kind") != "vae" or "vae" not in params:
+    raise ConversionError(f"the run in {workdir} has no VAE (model.image.kind is "
+                          f"{mcfg.image.get('kind')!r})")
+  return jax_to_mar_vae(VAEConfig.from_dict(_vae_fields(mcfg)), params["vae"]), step
+
+
+def _vae_fields(mcfg) -> dict:
+  fields = dict(mcfg.image.get("vae") or {})
+  if mcfg.image.get("path"):
+    from mmar_jax.convert.params_io import read_json
+    fields = dict(read_json(mcfg.image["path"], "vae_config.json"), **fields)
+  return fields
+
+
+def cli_jax_to_mar_vae(args) -> int:
+  if not getattr(args, "workdir", None):
+    from mmar_jax.convert import mar_vae
+    return mar_vae.cli_jax_to_mar_vae(args)
+  from safetensors.numpy import save_file
+  _safetensors_out(args.out)
+  tensors, step = workdir_vae_tensors(args.workdir, args.step, args.params)
+  with atomic_output(args.out, overwrite=args.overwrite, is_dir=False) as tmp:
+    save_file(tensors, tmp, metadata={"format": "pt"})
+  _say(f"jax-to-mar-vae: {len(tensors)} tensors of step {step} -> {args.out}")
+  return 0
+
+
+def workdir_head_tensors(workdir, step=None, which="ema") -> tuple[dict, object, int]:
+  from mmar_jax.convert.mar_head import jax_to_mar_head
+  params, mcfg, step = workdir_params(workdir, step, which, "head")
+  return jax_to_mar_head(mcfg.head, params), mcfg.head, step
+
+
+def cli_jax_to_mar_head(args) -> int:
+  if not getattr(args, "workdir", None):
+    from mmar_jax.convert import mar_head
+    return mar_head.cli_jax_to_mar_head(args)
+  from mmar_jax.convert import safetensors_io
+  _safetensors_out(args.out)
+  mcfg, _ = workdir_model_config(args.workdir)
+  if mcfg.head.prediction != "eps" and not args.force:
+    raise ConversionError(
+        f"this head predicts {mcfg.head.prediction!r}; MAR's sampler reads a head's output as eps, "
+        f"so it would sample garbage. Pass --force to write it anyway (the metadata keeps "
+        f"prediction={mcfg.head.prediction})")
+  tensors, cfg, step = workdir_head_tensors(args.workdir, args.step, args.params)
+  with atomic_output(args.out, overwrite=args.overwrite, is_dir=False) as tmp:
+    safetensors_io.save_file(tmp, tensors, {"prediction": cfg.prediction})
+  _say(f"jax-to-mar-head: {len(tensors)} tensors of step {step}, prediction {cfg.prediction} -> "
+       f"{args.out}")
+  return 0
+
+
+# -- jax-to-safetensors -----------------------------------------------------------------------------
+
+
+def _torch_leaf(name: str) -> tuple[str, bool]:
+  """Our leaf name -> (PyTorch-style name, transpose?), the rules in the module docstring."""
+  m = re.fullmatch(r"(?:(.+)_)?(kernel|bias|scale)", name)
+  if not m:
+    return name, False
+  stem, kind = m.groups()
+  leaf = {"kernel": "weight", "bias": "bias", "scale": "weight"}[kind]
+  return (f"{stem}.{leaf}" if stem else leaf), kind == "kernel"
+
+
+def generic_tensors(tree: dict, prefix: str, stacked=("blocks",)) -> dict[str, Callable]:
+  """{name: producer} for a module without an external layout (vit, projector)."""
+  out: dict[str, Callable] = {}
+
+  def walk(node, path, layer):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        if key in stacked and layer is None:
+          depth = len(next(iter(_leaves(value))))
+          for i in range(depth):
+            walk(value, path + (f"{key}.{i}",), i)
+        else:
+          walk(value, path + (key,), layer)
+        continue
+      name, transpose = _torch_leaf(key)
+      full = ".".join((prefix,) + path + (name,))
+      out[full] = (lambda v=value, i=layer, t=transpose:
+                   (lambda a: a.T if t else a)(np.asarray(v)[i] if i is not None else np.asarray(v)))
+  walk(tree, (), None)
+  return out
+
+
+def _leaves(tree):
+  for v in tree.values():
+    if isinstance(v, dict):
+      yield from _leaves(v)
+    else:
+      yield v
+
+
+def whole_model_tensors(params: dict, mcfg) -> dict[str, Callable]:
+  """{name: producer of a numpy array}, in a fixed order, for every parameter of the model."""
+  from mmar_jax.convert import hf
+  from mmar_jax.convert.mar_head import jax_to_mar_head
+  from mmar_jax.convert.mar_vae import jax_to_mar_vae
+  from mmar_jax.models.vae import VAEConfig
+  out: dict[str, Callable] = {}
+  backbone = params["backbone"]
+  for slot in hf.hf_layout(mcfg.backbone):
+    def produce(slot=slot):
+      a = _at(backbone, slot.key)
+      a = a if slot.layer is None else a[slot.layer]
+      return a.T if slot.transpose else a
+    out[f"backbone.{slot.hf_name}"] = produce
+  for module in ("vit", "projector"):
+    out.update(generic_tensors(params[module], module))
+  for name, a in jax_to_mar_head(mcfg.head, params["head"]).items():
+    out[name] = lambda a=a: a
+  if "vae" in params.get("image_tokenizer", {}):
+    vae = jax_to_mar_vae(VAEConfig.from_dict(_vae_fields(mcfg)), params["image_tokenizer"]["vae"])
+    for name, a in vae.items():
+      out[f"vae.{name}"] = lambda a=a: a
+  counted = sum(int(np.prod(np.shape(x))) for x in _all_leaves(params))
+  written = sum(int(np.prod(f().shape)) for f in out.values())
+  if counted != written:  # every parameter exported exactly once
+    raise ConversionError(f"export covers {written} of the model's {counted} parameters")
+  return out
+
+
+def _all_leaves(tree):
+  if isinstance(tree, dict):
+    for v in tree.values():
+      yield from _all_leaves(v)
+  else:
+    yield tree
+
+
+def _at(tree, path):
+  for p in path:
+    tree = tree[p]
+  return np.asarray(tree)
+
+
+def workdir_to_safetensors(workdir: str, out: str, *, step=None, which="ema", dtype=None,
+                           max_shard_size="5GB", overwrite=False) -> tuple[list[str], int]:
+  from mmar_jax.convert import safetensors_io as sio
+  from mmar_jax.convert.hf import _CLI_DTYPES
+  from mmar_jax.models.layers import get_dtype
+  if os.path.exists(out) and not overwrite:
+    raise ConversionError(f"output {os.path.abspath(out)} exists; pass --overwrite to replace it")
+  params, mcfg, step = workdir_params(workdir, step, which)
+  producers = whole_model_tensors(params, mcfg)
+  cast = None if dtype is None else np.dtype(get_dtype(_CLI_DTYPES[dtype]))
+  specs = []
+  for name, f in producers.items():
+    a = f()
+    specs.append((name, sio.TensorSpec(cast if cast is not None else a.dtype, tuple(a.shape))))
+
+  def produce(name):
+    a = producers[name]()
+    return np.ascontiguousarray(a.astype(cast, copy=False) if cast is not None else a)
+
+  config = {"format": FORMAT, "model": mcfg.to_dict(), "step": step, "params": which,
+            **special_tokens_config(mcfg),
+            "naming": {"backbone.": "HuggingFace Qwen2 names, PyTorch layout",
+                       "vae.": "MAR KL-16 VAE names, PyTorch layout",
+                       "diffloss.net.": "MAR diffusion head names (diffusion_pos_embed_learned too)",
+                       "vit., projector.": "module paths; blocks.{i}. per layer; X_kernel -> "
+                                           "X.weight [out, in], X_bias -> X.bias, X_scale -> X.weight"}}
+  with atomic_output(out, overwrite) as tmp:
+    files = sio.write_sharded(tmp, specs, produce, max_shard_size, metadata={"format": "pt"})
+    with open(os.path.join(tmp, SAFETENSORS_CONFIG), "w") as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+      f.write("\n")
+    files.append(SAFETENSORS_CONFIG)
+    tok = epath.Path(workdir) / "tokenizer"
+    if tok.is_dir():
+      _copy_tree(tok, epath.Path(tmp) / "tokenizer")
+      files.append("tokenizer/")
+  return files, step
+
+
+def _copy_tree(src, dst):
+  """epath copy (the workdir may be on gs://)."""
+  dst.mkdir(parents=True, exist_ok=True)
+  for p in src.iterdir():
+    if p.is_dir():
+      _copy_tree(p, dst / p.name)
+    else:
+      p.copy(dst / p.name)
+
+
+def cli_jax_to_safetensors(args) -> int:
+  if not getattr(args, "workdir", None):
+    raise ConversionError("jax-to-safetensors exports a training run: pass --workdir DIR")
+  files, step = workdir_to_safetensors(args.workdir, args.out, step=args.step, which=args.params,
+                                       dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                       overwrite=args.overwrite)
+  _say(f"jax-to-safetensors: {args.params} params of step {step} -> {args.out}: {', '.join(files)}")
+  return 0
