@@ -32,4 +32,5 @@ def get_config(arg=None):
   c.train.log_every = 25
   c.train.checkpoint_every = 250
   c.data.random_flip = False  # captions name left and right
+  c.eval.at_end = True
   return c

@@ -93,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 500
   t.keep_checkpoints = 3
   t.check_finite = False  # chex finiteness checks inside the step (slow: host sync)
+  t.precision_every = 0  # > 0: every N steps log the head's bf16-vs-fp32 error by timestep bucket
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "demo"

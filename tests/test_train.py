@@ -151,3 +151,18 @@ def test_check_finite_switch_stops_at_a_nonfinite_loss(tiny_mcfg, demo_batcher):
   bad["image"][0, 0, 0, 0] = np.nan
   with pytest.raises(Exception, match="finite"):
     step(state, jax.device_put(bad, tr.batch_sharding))
+
+
+def test_train_logs_the_bf16_error_of_the_head_when_asked(tmp_path):
+  """train.precision_every: the run's metrics carry the head's bf16-vs-fp32 error per bucket."""
+  import json
+  from mmar_jax.train.loop import train
+  config = tiny_config(("steps", "2"), ("train.log_every", "1"), ("train.precision_every", "2"),
+                       ("train.checkpoint_every", "0"))
+  train(config, str(tmp_path), progress=False)
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in records] == [1, 2]
+  probed = records[-1]
+  keys = [k for k in probed if k.startswith("bf16/")]
+  assert keys and all(np.isfinite(probed[k]) for k in keys if "rows" not in k)
+  assert not any(k.startswith("bf16/") for k in records[0])

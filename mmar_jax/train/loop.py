@@ -183,6 +183,10 @@ def _train(config, workdir, preempt, stop_at, progress):
   batches = batcher.batches(start, rows, threads=config.data.threads, prefetch=config.data.prefetch)
   put = lambda local: to_global(local, tr.batch_sharding, batch_size)
   step_fn = make_train_step(tr)
+  probe, every = None, int(config.train.precision_every)
+  if every > 0:  # the head's bf16-vs-fp32 error by timestep bucket (diffusion/numerics.py)
+    from mmar_jax.diffusion.numerics import make_precision_probe
+    probe = make_precision_probe(tr)
   writer = MetricsWriter(wd)
   flops_per_step = flops_lib.train_step_flops(mcfg, config)
   peak = peak_flops(override=config.peak_flops)
@@ -201,7 +205,8 @@ def _train(config, workdir, preempt, stop_at, progress):
       local = next(batches)
       nxt = put(local)
     done = step + 1
-    if done % config.train.log_every == 0 or done == start + 1 or done == total:
+    probed = probe is not None and done % every == 0
+    if done % config.train.log_every == 0 or done == start + 1 or done == total or probed:
       metrics = jax.device_get(metrics)
       now = time.perf_counter()
       step_time = (now - t_last) / max(done - last_logged, 1)
@@ -214,6 +219,9 @@ def _train(config, workdir, preempt, stop_at, progress):
                     tokens_per_s=tokens / step_time,
                     mfu=(flops_per_step / step_time / (peak * jax.device_count())) if peak else None,
                     data_skipped=batcher.counters.skipped, data_truncated=batcher.counters.truncated)
+      if probed:  # measured after the step time, so the probe's cost is not counted as a step's
+        record.update({k: float(v) for k, v in jax.device_get(probe(state, batch)).items()})
+        t_last = time.perf_counter()
       writer.write(record)
       line = (f"step {done}/{total} loss {record['loss']:.4f} text {record['loss_text']:.4f} "
               f"image {record['loss_image']:.4f} grad_norm {record['grad_norm']:.3f} "
@@ -283,5 +291,15 @@ def cli_train(args) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   config = resolve_config(args.workdir, args.config, args.config_overrides)
   train(config, args.workdir)
+  if config.eval.at_end and jax.process_index() == 0 and not _evaluated(args.workdir, config.steps):
+    from mmar_jax.evaluate import evaluate, print_report
+    print("evaluating the EMA weights on the held-out combinations ...", flush=True)
+    print_report(evaluate(config, args.workdir), args.workdir)
   return 0
+
+
+def _evaluated(workdir, step: int) -> bool:
+  """Whether eval/report.json already describes the final step (a finished run re-launched)."""
+  path = epath.Path(workdir) / "eval" / "report.json"
+  return path.exists() and json.loads(path.read_text()).get("step") == step
 
