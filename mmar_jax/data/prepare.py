@@ -39,17 +39,6 @@ log = logging.getLogger(__name__)
 SHARD = "latents-{:05d}-of-{:05d}.array_record"
 
 
-def add_arguments(p):
-  p.add_argument("--config", required=True, help="config file[:variant] (model.image, init.vae)")
-  p.add_argument("--src", required=True,
-                 help="demo | folder:PATH | jsonl:PATH | wds:GLOB | tfds[:NAME] (data.tfds.*)")
-  p.add_argument("--out", required=True, help="output directory (local or gs://)")
-  p.add_argument("--records-per-shard", type=int, default=10000)
-  p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
-  p.add_argument("--threads", type=int, default=8, help="threads reading and decoding images")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-
-
 def image_tokenizer(config):
   """(graphdef, state) of the config's image tokenizer with the weights training starts from."""
   from flax import nnx
