@@ -8,15 +8,18 @@ import pytest
 from mmar_jax.repro import checks
 
 
+ONE_DEVICE = checks.tiny_config(("mesh", "1,1,1"))  # the check is per mesh: one keeps it cheap
+
+
 def test_determinism_passes_and_fails_with_another_seed():
-  assert checks.check_determinism(steps=2).status == "pass"
-  bad = checks.check_determinism(steps=2, seed_b=1)
+  assert checks.check_determinism(ONE_DEVICE, steps=2).status == "pass"
+  bad = checks.check_determinism(ONE_DEVICE, steps=2, seed_b=1)
   assert bad.status == "fail" and bad.value > 0
 
 
 def test_resume_passes_and_fails_when_a_batch_is_skipped():
-  assert checks.check_resume(steps=4).status == "pass"
-  assert checks.check_resume(steps=4, skip_batch=True).status == "fail"
+  assert checks.check_resume(ONE_DEVICE, steps=4).status == "pass"
+  assert checks.check_resume(ONE_DEVICE, steps=4, skip_batch=True).status == "fail"
 
 
 def test_mesh_passes_and_fails_with_draws_keyed_by_device():

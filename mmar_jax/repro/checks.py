@@ -67,6 +67,9 @@ def run_steps(config, steps: int, *, mesh: str | None = None, state=None, start:
 
   tokenizer = load_text_tokenizer(config.text_tokenizer)
   mcfg = model_config(config, tokenizer)
+  shape = config_lib.parse_mesh(mesh or config.mesh)
+  if devices is None and -1 not in shape:  # an explicit small mesh: the first devices
+    devices = jax.devices()[:int(np.prod(shape))]
   tr = build(config, mcfg, make_mesh(mesh or config.mesh, config.mesh_dcn, devices=devices))
   if state is None:
     state = init_state(tr)
