@@ -27,6 +27,9 @@ def get_config(arg=None):
   c.model.head.width, c.model.head.depth, c.model.head.prediction = 256, 3, "v"
   c.model.max_text_len = 64
   c.model.compute_dtype = "auto"  # fp32 on CPU, bf16 on accelerators (resolved by bench)
+  # Chosen by measurement (2-core CPU, alternating runs): full remat 4-6% faster than none and
+  # 28% less peak memory (334 vs 465 MB); dots_no_batch in between on memory, no faster.
+  c.model.remat = "full"
   c.model.head.compute_dtype = "auto"
   c.loss.diffusion_batch_mul = 4
   c.loss.mask_ratio = "stage1"
