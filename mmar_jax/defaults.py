@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.compute_dtype = "bfloat16"  # bf16 compute over fp32 master weights
   m.scan_layers = True
   m.remat = "none"
-  m.attention = "xla"  # xla | cudnn
+  m.attention = "einsum"  # einsum (ours) | cudnn (fused, GPU) | xla (jax.nn reference)
 
   m.image = im = ml_collections.ConfigDict()
   im.size = 16  # pixels (256 at full scale)

@@ -21,15 +21,19 @@ def structure_mask(q_seg, q_block, k_seg, k_block) -> jax.Array:
   return (same & causal)[:, None]
 
 
-def attend(q, k, v, mask, *, implementation: str = "xla") -> jax.Array:
+def attend(q, k, v, mask, *, implementation: str = "einsum") -> jax.Array:
   """Grouped-query attention.
 
   q [B, T, H, hd], k/v [B, S, KV, hd] with H a multiple of KV (head h uses kv head h // (H/KV),
   as HF's repeat_kv), mask bool [B, 1, T, S]. Softmax in fp32. Rows with no visible key (padding
-  queries) produce zeros rather than NaN.
+  queries) produce zeros rather than NaN. `implementation`: "einsum" (this function's own, the
+  default everywhere), or a `jax.nn.dot_product_attention` implementation ("cudnn" on GPU, "xla").
   """
-  if implementation == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+  if implementation != "einsum":
+    # jax's fused attention ("cudnn" on GPU; "xla" for the reference path). A padding query sees
+    # no key: its row is undefined there, so zero it as below (0 * NaN would poison the loss).
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    return jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0).astype(v.dtype)
   b, t, h, hd = q.shape
   kv = k.shape[2]
   qg = q.reshape(b, t, kv, h // kv, hd)

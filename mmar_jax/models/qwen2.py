@@ -40,7 +40,7 @@ class Qwen2Config:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat: str = "none"  # none | full | dots | dots_no_batch
-  attention: str = "xla"  # xla | cudnn
+  attention: str = "einsum"  # einsum (ours) | cudnn (fused, GPU) | xla (jax.nn reference)
 
   @property
   def hd(self) -> int:
