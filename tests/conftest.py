@@ -7,9 +7,13 @@ Subprocess tests inherit XLA_FLAGS and MMAR_JAX_CACHE through `subprocess_env()`
 import os
 import re
 
+# 8 simulated devices share 2 cores with everything else: a collective can wait far longer than
+# XLA:CPU's default before its peers arrive, and XLA aborts the process then. Be patient instead.
 os.environ["XLA_FLAGS"] = (re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                                   os.environ.get("XLA_FLAGS", "")) +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=900"
+                           " --xla_cpu_collective_timeout_seconds=900").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 CACHE_DIR = os.environ.setdefault(
