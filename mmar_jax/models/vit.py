@@ -35,7 +35,7 @@ class ViTConfig:
   # How the learned position embedding starts. 'sincos': a 2D sine-cosine grid (as MAE), so every
   # position is distinct at full scale from step 0; 'normal': N(0, 0.02) (MAR), which leaves the
   # masked positions nearly identical until the embedding has grown.
-  pos_init: str = "sincos"
+  pos_init: str = "normal"
 
 
 class EmbeddingViT(nnx.Module):
