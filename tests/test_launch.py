@@ -326,12 +326,13 @@ def test_slurm_sbatch_sets_coordinator_count_and_ids(tmp_path):
 
 def test_tpu_worker_start_status_stream(tmp_path):
   """The worker side with a stand-in mmar-jax: training runs detached with MMAR_DISTRIBUTED=auto,
-  its exit status is kept, the log streams, and a second start attaches instead of starting."""
+  its exit status is kept, the log streams, and a second start attaches instead of starting (the
+  stand-in runs 3 s, so a loaded machine still finds it running at the second start)."""
   home = tmp_path / "home"
   (home / "mmar_venv" / "bin").mkdir(parents=True)
   (home / "mmar_jax").mkdir()
   fake = home / "mmar_venv" / "bin" / "mmar-jax"
-  fake.write_text('#!/usr/bin/env bash\necho "train:$MMAR_DISTRIBUTED:$*"\nsleep 0.3\nexit 3\n')
+  fake.write_text('#!/usr/bin/env bash\necho "train:$MMAR_DISTRIBUTED:$*"\nsleep 3\nexit 3\n')
   fake.chmod(0o755)
   env = dict(os.environ, HOME=str(home))
   worker = lambda *a: subprocess.run(["bash", os.path.join(LAUNCH, "tpu_worker.sh"), *a], env=env,
