@@ -137,6 +137,12 @@ def _bench_args(p):
   p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
 
 
+def _bench_torch_args(p):
+  _bench_args(p)
+  p.add_argument("--compile", action="store_true", help="wrap forward + loss in torch.compile")
+  p.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU core)")
+
+
 BENCH = {
     what: ("mmar_jax.bench:cli_bench", lambda p, what=what: (_bench_args(p), p.set_defaults(what=what)),
            help_)
@@ -145,6 +151,8 @@ BENCH = {
                         ("caption", "image-to-text tokens/s (KV-cached decoding)"),
                         ("convert", "hf-to-jax + jax-to-hf time of a random checkpoint"))
 }
+BENCH["torch-train"] = ("mmar_jax.bench_torch:cli_bench_torch", _bench_torch_args,
+                        "the same train step in PyTorch eager (CPU reference), same keys")
 BENCH["memory"] = ("mmar_jax.train.memory:cli_bench_memory", _bench_memory_args,
                    "the train step's memory per device from an ahead-of-time compile")
 

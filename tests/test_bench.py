@@ -29,3 +29,26 @@ def test_bench_train_mfu_with_a_given_peak(capsys):
                  "--config.mesh=1,-1,1", "--config.peak_flops=1e12"])
   result = json.loads([l for l in capsys.readouterr().out.splitlines() if l.startswith("{")][0])
   assert rc == 0 and 0 < result["mfu"] < 1
+
+
+TINY_BENCH = ["--config.model.backbone.vocab_size=512", "--config.model.backbone.hidden_size=32",
+              "--config.model.backbone.num_layers=1", "--config.model.backbone.num_heads=2",
+              "--config.model.backbone.num_kv_heads=1", "--config.model.backbone.intermediate_size=64",
+              "--config.model.vit.width=32", "--config.model.vit.layers=1", "--config.model.vit.heads=2",
+              "--config.model.head.width=32", "--config.model.head.depth=1",
+              "--config.model.max_text_len=8", "--config.model.image.size=4", "--config.train.batch_size=2"]
+
+
+def test_bench_torch_train_prints_the_train_keys(capsys):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  rc = cli.main(["bench", "torch-train", "--config", "configs/bench.py", "--steps", "2", "--threads", "1",
+                 *TINY_BENCH])
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  assert rc == 0 and len(lines) == 1
+  result = json.loads(lines[0])
+  assert KEYS <= set(result), KEYS - set(result)
+  assert result["framework"] == "torch" and result["device"].startswith("cpu (torch ")
+  assert result["median_step_s"] > 0 and result["tokens_per_s"] > 0 and result["mfu"] is None
+  assert result["flops_per_step"] > 0 and result["peak_bytes"] > 0 and result["compile_s"] == 0
+  assert result["loss"] == result["loss"] and abs(result["loss"]) < float("inf")  # finite
