@@ -55,8 +55,6 @@ def _check_supported(config, mcfg) -> None:
     problems.append("train.freeze")
   if m.head.learn_sigma:
     problems.append("model.head.learn_sigma")
-  if im.get("embed_norm", False) or float(im.get("fixed_pos", 0.0) or 0.0):
-    problems.append("model.image.embed_norm / fixed_pos")
   if mcfg.head.prediction not in ("v", "eps", "x0"):
     problems.append(f"model.head.prediction={mcfg.head.prediction!r}")
   if problems:

@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.compute_dtype = "bfloat16"  # bf16 compute over fp32 master weights
   m.scan_layers = True
   m.remat = "none"
+  m.fuse_projections = False  # one q/k/v and one gate/up matmul per layer (not with tensor parallelism)
   m.attention = "einsum"  # einsum (ours) | cudnn (fused, GPU) | xla (jax.nn reference)
 
   m.image = im = ml_collections.ConfigDict()
@@ -73,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.text_weight = 1.0
   c.loss.diffusion_batch_mul = 4
   c.loss.caption_drop = 0.1
+  c.loss.t2i_text_weight = 1.0  # weight of the caption tokens of [text][img] samples in L_txt
   c.loss.mask_ratio = "stage1"  # stage1: truncnorm on [0.7, 1]; stage2: uniform on [0, 1]
 
   c.train = t = ml_collections.ConfigDict()
@@ -113,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.at_end = False  # run `mmar-jax eval` when training finishes (the demo does)
   c.eval.cfg = 3.0
+  c.eval.cfg_schedule = "linear"  # MAR's linear ramp over the AR steps, or constant
   c.eval.ar_steps = 16
   c.eval.diffusion_steps = 100
   c.eval.num_unconditional = 32

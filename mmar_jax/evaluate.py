@@ -56,7 +56,7 @@ def evaluate(config, workdir, *, step: int | None = None, params: str = "ema", s
   spec = shapes.ShapesSpec(image_size=config.model.image.size, seed=config.seed)
   held = [spec.names(c) for c in spec.heldout_combinations()]
   sampling = dict(dict(ar_steps=config.eval.ar_steps, diffusion_steps=config.eval.diffusion_steps,
-                       sampler="ddpm", cfg=config.eval.cfg, cfg_schedule="linear",
+                       sampler="ddpm", cfg=config.eval.cfg, cfg_schedule=config.eval.cfg_schedule,
                        temperature=config.eval.temperature),
                   **(sampling or {}))
   key = jax.random.key(seed)

@@ -165,3 +165,32 @@ def test_loss_is_finite_without_masked_tokens_or_text_targets(model, demo_batche
   zero = {"text_count": jnp.float32(0), "image_count": jnp.float32(0)}
   loss, parts = combine({"text_sum": jnp.float32(0), "image_sum": jnp.float32(0)}, zero, 1.0, 1.0)
   assert float(loss) == 0.0
+
+
+def test_t2i_text_weight_scales_the_text_targets_of_text_to_image_samples(model, tiny_mcfg, demo_batcher):
+  """loss.t2i_text_weight: a weighted mean in which the text targets of `[text][img]` samples
+  count w times; 0 leaves exactly the other samples' mean."""
+  batch = jax.tree.map(jnp.asarray, demo_batcher.local_batch(0))
+  kind = np.asarray(batch["kind"])
+  assert (kind == sequence.TEXT_TO_IMAGE).any() and (kind != sequence.TEXT_TO_IMAGE).any()
+  per_sample = {}
+  for w in (1.0, 0.0, 0.25):
+    prep = model.prepare(batch, jax.random.key(3), jnp.float32(0.8), 0.0, 2, t2i_text_weight=w)
+    counts = {k: prep.pop(k) for k in ("text_count", "image_count")}
+    per_sample[w] = (float(model.loss_sums(prep)["text_sum"]), float(counts["text_count"]),
+                     float(combine(model.loss_sums(prep), counts, 1.0, 1.0)[1]["loss_text"]))
+  # Recompute the two groups' sums and counts separately.
+  prep = model.prepare(batch, jax.random.key(3), jnp.float32(0.8), 0.0, 2)
+  image_embeds = model.embed_image(prep["tokens"], prep["masked"])
+  x, ids, lay = model.sequence_inputs(prep["text"], prep["text_len"], prep["kind"], image_embeds)
+  hidden, _ = model.backbone(x, lay["positions"], lay["segment_ids"], lay["block_ids"])
+  targets, weights = sequence.text_targets(ids, lay["segment_ids"], tiny_mcfg.boi_id)
+  ce = np.asarray(-jnp.take_along_axis(jax.nn.log_softmax(model.backbone.logits(hidden)),
+                                       targets[..., None], axis=-1)[..., 0]) * np.asarray(weights)
+  t2i = kind == sequence.TEXT_TO_IMAGE
+  s_t2i, n_t2i = ce[t2i].sum(), np.asarray(weights)[t2i].sum()
+  s_rest, n_rest = ce[~t2i].sum(), np.asarray(weights)[~t2i].sum()
+  for w, (text_sum, count, loss_text) in per_sample.items():
+    np.testing.assert_allclose(text_sum, s_rest + w * s_t2i, rtol=1e-4)
+    np.testing.assert_allclose(count, n_rest + w * n_t2i, rtol=1e-6)
+    np.testing.assert_allclose(loss_text, (s_rest + w * s_t2i) / (n_rest + w * n_t2i), rtol=1e-4)

@@ -2,6 +2,7 @@
 the PartitionSpecs of its stacked parameters on an 8-device mesh."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -85,3 +86,19 @@ def test_fused_attention_path_matches_ours():
   fused = attn.attend(q, k, v, mask, implementation="xla")
   assert np.abs(np.asarray(ours) - np.asarray(fused)).max() < 1e-5
   assert np.all(np.asarray(fused)[1, :3] == 0)  # padding queries: zeros, not NaN
+
+
+def test_fused_projections_compute_the_same_layer():
+  """model.fuse_projections concatenates q/k/v and gate/up inside the step: same outputs, same
+  parameters (the checkpoint layout does not change)."""
+  cfg = Qwen2Config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=48, compute_dtype="float32", scan_layers=True)
+  plain = Qwen2(cfg, rngs=nnx.Rngs(0))
+  fused = Qwen2(cfg.replace(fuse_projections=True), rngs=nnx.Rngs(0))
+  ids = jax.random.randint(jax.random.key(1), (2, 7), 0, 64)
+  pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+  seg = jnp.ones((2, 7), jnp.int32)
+  a, _ = plain(plain.embed(ids), pos, seg, pos)
+  b, _ = fused(fused.embed(ids), pos, seg, pos)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  assert jax.tree.structure(nnx.state(plain)) == jax.tree.structure(nnx.state(fused))

@@ -89,7 +89,8 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MMARConfig:
       num_kv_heads=b.num_kv_heads, head_dim=b.head_dim or None,
       intermediate_size=b.intermediate_size, rope_theta=b.rope_theta, rms_norm_eps=b.rms_norm_eps,
       tie_word_embeddings=b.tie_word_embeddings, compute_dtype=resolve_dtype(m.compute_dtype),
-      scan_layers=m.scan_layers, remat=m.remat, attention=m.attention)
+      scan_layers=m.scan_layers, remat=m.remat, attention=m.attention,
+      fuse_projections=m.fuse_projections)
   image = m.image.to_dict()
   stride, channels = token_spec(image)
   if image["size"] % stride:
@@ -159,6 +160,7 @@ class MMAR(nnx.Module):
     x, ids, lay = self.sequence_inputs(prep["text"], prep["text_len"], prep["kind"], image_embeds)
     hidden, _ = self.backbone(x, lay["positions"], lay["segment_ids"], lay["block_ids"])
     targets, weights = sequence.text_targets(ids, lay["segment_ids"], cfg.boi_id)
+    weights = weights * prep["text_scale"][:, None]
     logits = self.backbone.logits(hidden)
     ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
     text_sum = jnp.sum(ce * weights)
@@ -178,8 +180,9 @@ class MMAR(nnx.Module):
     return dict(text_sum=text_sum, image_sum=image_sum)
 
   def prepare(self, batch: dict, key: jax.Array, mask_ratio: jax.Array, caption_drop: float,
-              diffusion_batch_mul: int) -> dict:
-    """Every random draw of a training batch, keyed by (key, global example index)."""
+              diffusion_batch_mul: int, t2i_text_weight: float = 1.0) -> dict:
+    """Every random draw of a training batch, keyed by (key, global example index).
+    `t2i_text_weight` weighs the caption tokens of `[text][img]` samples in the text mean."""
     cfg = self.cfg
     b = batch["index"].shape[0]
     chex.assert_shape([batch["text"]], (b, cfg.max_text_len))
@@ -200,9 +203,10 @@ class MMAR(nnx.Module):
     lay = sequence.layout(kind, text_len, cfg.max_text_len, n)
     ids = sequence.token_ids(batch["text"], lay, cfg.boi_id, cfg.eoi_id, cfg.pad_id)
     _, weights = sequence.text_targets(ids, lay["segment_ids"], cfg.boi_id)
+    text_scale = jnp.where(kind == sequence.TEXT_TO_IMAGE, jnp.float32(t2i_text_weight), 1.0)
     return dict(tokens=tokens, masked=masked, kind=kind, text=batch["text"], text_len=text_len,
-                t=t, noise=noise,
-                text_count=jnp.sum(weights),
+                t=t, noise=noise, text_scale=text_scale,
+                text_count=jnp.sum(weights * text_scale[:, None]),
                 image_count=jnp.sum(masked).astype(jnp.float32) * diffusion_batch_mul)
 
 

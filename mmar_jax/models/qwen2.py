@@ -41,6 +41,10 @@ class Qwen2Config:
   scan_layers: bool = True
   remat: str = "none"  # none | full | dots | dots_no_batch
   attention: str = "einsum"  # einsum (ours) | cudnn (fused, GPU) | xla (jax.nn reference)
+  # One matmul for q/k/v and one for gate/up, the kernels concatenated inside the step (the
+  # checkpoint layout is unchanged). Off under tensor parallelism: the concatenation would
+  # gather the head-sharded kernels.
+  fuse_projections: bool = False
 
   @property
   def hd(self) -> int:
@@ -179,9 +183,15 @@ def _layer(x, w: dict[str, Any], kv_cache, *, cfg: Qwen2Config, dtype, positions
   h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.hd
   c = lambda a: a.astype(dtype)
   y = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-  q = (y @ c(w["q_kernel"]) + c(w["q_bias"])).reshape(b, t, h, hd)
-  k = (y @ c(w["k_kernel"]) + c(w["k_bias"])).reshape(b, t, kv, hd)
-  v = (y @ c(w["v_kernel"]) + c(w["v_bias"])).reshape(b, t, kv, hd)
+  if cfg.fuse_projections:
+    cat = lambda *names: c(jnp.concatenate([w[n] for n in names], axis=-1))
+    qkv = y @ cat("q_kernel", "k_kernel", "v_kernel") + cat("q_bias", "k_bias", "v_bias")
+    q, k, v = jnp.split(qkv, [h * hd, (h + kv) * hd], axis=-1)
+  else:
+    q = y @ c(w["q_kernel"]) + c(w["q_bias"])
+    k = y @ c(w["k_kernel"]) + c(w["k_bias"])
+    v = y @ c(w["v_kernel"]) + c(w["v_bias"])
+  q, k, v = q.reshape(b, t, h, hd), k.reshape(b, t, kv, hd), v.reshape(b, t, kv, hd)
   q = attn.rope(q, positions, cfg.rope_theta)
   k = attn.rope(k, positions, cfg.rope_theta)
   new_kv = None
@@ -192,7 +202,11 @@ def _layer(x, w: dict[str, Any], kv_cache, *, cfg: Qwen2Config, dtype, positions
   o = attn.attend(q, k, v, mask, implementation=cfg.attention).reshape(b, t, h * hd)
   x = x + o @ c(w["o_kernel"])
   y = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-  y = jax.nn.silu(y @ c(w["gate_kernel"])) * (y @ c(w["up_kernel"]))
+  if cfg.fuse_projections:
+    gate, up = jnp.split(y @ c(jnp.concatenate([w["gate_kernel"], w["up_kernel"]], axis=-1)), 2, axis=-1)
+  else:
+    gate, up = y @ c(w["gate_kernel"]), y @ c(w["up_kernel"])
+  y = jax.nn.silu(gate) * up
   x = x + y @ c(w["down_kernel"])
   x = constrain(x, ("batch", "length", "act_embed"))
   return x, new_kv

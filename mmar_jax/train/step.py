@@ -48,6 +48,9 @@ class Trainer:
 
 
 def build(config: ml_collections.ConfigDict, model_cfg: MMARConfig, mesh: Mesh) -> Trainer:
+  if model_cfg.backbone.fuse_projections and mesh.shape.get("tensor", 1) > 1:
+    raise ValueError(f"model.fuse_projections with a tensor-parallel mesh {dict(mesh.shape)}: the "
+                     "fused matmul would gather the head-sharded kernels; turn one of them off")
   abstract = nnx.eval_shape(lambda: MMAR(model_cfg, rngs=nnx.Rngs(config.seed)))
   graphdef, abstract_state = nnx.split(abstract)
   rules = config.sharding_rules
@@ -105,7 +108,7 @@ def make_train_step(tr: Trainer):
     ratio = mask_ratio(jax.random.fold_in(key, 0), lcfg.mask_ratio)
     model = tr.model(state["params"])
     prep = model.prepare(batch, jax.random.fold_in(key, 1), ratio, lcfg.caption_drop,
-                         lcfg.diffusion_batch_mul)
+                         lcfg.diffusion_batch_mul, lcfg.t2i_text_weight)
     counts = {k: prep.pop(k) for k in ("text_count", "image_count")}
 
     def micro_loss(params, micro):
