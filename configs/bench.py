@@ -30,6 +30,9 @@ def get_config(arg=None):
   # Chosen by measurement (2-core CPU, alternating runs): full remat 4-6% faster than none and
   # 28% less peak memory (334 vs 465 MB); dots_no_batch in between on memory, no faster.
   c.model.remat = "full"
+  # Measured (alternating runs, quiet 2-core CPU): 0.2715 vs 0.2800 s per step (-3%). The mesh
+  # has no tensor axis, so the concatenated kernels cost no communication.
+  c.model.fuse_projections = True
   c.model.head.compute_dtype = "auto"
   c.loss.diffusion_batch_mul = 4
   c.loss.mask_ratio = "stage1"

@@ -7,7 +7,7 @@ from mmar_jax.defaults import base_config
 def get_config(arg=None):
   del arg
   c = base_config()
-  c.steps = 1500
+  c.steps = 3500
   c.mesh = "1,1,1"
   c.model.compute_dtype = "float32"  # XLA:CPU is no faster in bf16
   c.model.head.compute_dtype = "float32"
@@ -20,12 +20,18 @@ def get_config(arg=None):
   c.model.backbone.intermediate_size = 256
   c.model.vit.width = 64
   c.model.vit.layers = 2
-  c.model.head.width = 128
+  # The head's width bounds how exactly a 48-value patch is drawn: 256 vs 128 halved the final
+  # diffusion loss (0.036 vs 0.069) and raised held-out shape accuracy of drawings 0.32 -> 0.50.
+  c.model.head.width = 256
   c.model.head.depth = 3
   c.model.max_text_len = 40
   c.loss.mask_ratio = "stage2"
-  # More [img][text] than the default mix: P(I|T) samples slow the learning of P(T|I) (notes).
-  c.data.mix = "0.35,0.55,0.1"
+  # No caption loss on [text][img] samples. With it, this small model learns the caption prior
+  # (the position most seen with a colour and shape) and never learns to read the position off
+  # the image: held-out captions named the right position 0% of the time after 3000 steps,
+  # against 82% after 1500 steps without it (the method's default stays 1, loss.t2i_text_weight).
+  c.loss.t2i_text_weight = 0.0
+  c.data.mix = "0.45,0.45,0.1"
   c.train.batch_size = 32
   c.train.lr = 1e-3
   c.train.lr_backbone = 1e-3
