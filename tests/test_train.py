@@ -1,5 +1,6 @@
 """Training at scale: sharding, the jitted step on several meshes, skipped steps, FLOPs, init."""
 
+import dataclasses
 import os
 
 import jax
@@ -166,3 +167,9 @@ def test_train_logs_the_bf16_error_of_the_head_when_asked(tmp_path):
   keys = [k for k in probed if k.startswith("bf16/")]
   assert keys and all(np.isfinite(probed[k]) for k in keys if "rows" not in k)
   assert not any(k.startswith("bf16/") for k in records[0])
+
+
+def test_fused_projections_are_refused_with_a_tensor_axis(tiny_mcfg):
+  fused = dataclasses.replace(tiny_mcfg, backbone=tiny_mcfg.backbone.replace(fuse_projections=True))
+  with pytest.raises(ValueError, match="fuse_projections"):
+    build(tiny_config(), fused, make_mesh("1,4,2"))

@@ -182,7 +182,8 @@ class MMAR(nnx.Module):
   def prepare(self, batch: dict, key: jax.Array, mask_ratio: jax.Array, caption_drop: float,
               diffusion_batch_mul: int, t2i_text_weight: float = 1.0) -> dict:
     """Every random draw of a training batch, keyed by (key, global example index).
-    `t2i_text_weight` weighs the caption tokens of `[text][img]` samples in the text mean."""
+    `t2i_text_weight` weighs the text targets (caption and <eoi>) of `[text][img]` samples in
+    the text mean."""
     cfg = self.cfg
     b = batch["index"].shape[0]
     chex.assert_shape([batch["text"]], (b, cfg.max_text_len))
