@@ -80,7 +80,7 @@ def _repro_args(p):
 
 
 def _sample_args(p, kind: str):
-  from mmar_jax.sample import cli as sample_cli  # light: imports nothing heavy at module level
+  from mmar_jax.commands import sample as sample_cli  # light: imports nothing heavy at module level
   (sample_cli.add_generate_args if kind == "generate" else sample_cli.add_caption_args)(p)
 
 
@@ -104,29 +104,29 @@ def _numerics_args(p):
 
 # name -> (target, add_arguments, help)
 COMMANDS = {
-    "train": ("mmar_jax.train.loop:cli_train", _train_args, "train, or resume when --workdir has checkpoints"),
+    "train": ("mmar_jax.commands.train:cli_train", _train_args, "train, or resume when --workdir has checkpoints"),
     "prepare-data": ("mmar_jax.data.prepare:cli_prepare_data", _prepare_data_args,
                      "images + captions -> encoded latents in ArrayRecord shards (data.source latents:DIR)"),
     "repro": ("mmar_jax.repro.cli:cli_repro", _repro_args,
               "reproducibility checks: a pass/fail table, non-zero exit on failure"),
-    "eval": ("mmar_jax.evaluate:cli_eval", _eval_args,
+    "eval": ("mmar_jax.commands.evaluate:cli_eval", _eval_args,
              "the demo's held-out evaluation: understanding and generation accuracy, pictures"),
-    "generate": ("mmar_jax.sample.cli:cli_generate", lambda p: _sample_args(p, "generate"),
+    "generate": ("mmar_jax.commands.sample:cli_generate", lambda p: _sample_args(p, "generate"),
                  "text to image (no --prompt: unconditional)"),
-    "caption": ("mmar_jax.sample.cli:cli_caption", lambda p: _sample_args(p, "caption"),
+    "caption": ("mmar_jax.commands.sample:cli_caption", lambda p: _sample_args(p, "caption"),
                 "image to text (also answers --question)"),
 }
 CONVERT = {
     name: (target, lambda p, name=name: _convert_args(p, name), help_)
     for name, target, help_ in (
         ("hf-to-jax", "mmar_jax.convert.hf:cli_hf_to_jax", "HuggingFace Qwen2 directory -> JAX params"),
-        ("jax-to-hf", "mmar_jax.convert.export:cli_jax_to_hf", "JAX backbone -> HuggingFace Qwen2 directory"),
+        ("jax-to-hf", "mmar_jax.commands.export:cli_jax_to_hf", "JAX backbone -> HuggingFace Qwen2 directory"),
         ("mar-vae", "mmar_jax.convert.mar_vae:cli_mar_vae", "MAR KL-16 VAE -> JAX"),
-        ("jax-to-mar-vae", "mmar_jax.convert.export:cli_jax_to_mar_vae", "JAX VAE -> MAR layout safetensors"),
+        ("jax-to-mar-vae", "mmar_jax.commands.export:cli_jax_to_mar_vae", "JAX VAE -> MAR layout safetensors"),
         ("mar-head", "mmar_jax.convert.mar_head:cli_mar_head", "MAR diffusion head -> JAX"),
-        ("jax-to-mar-head", "mmar_jax.convert.export:cli_jax_to_mar_head",
+        ("jax-to-mar-head", "mmar_jax.commands.export:cli_jax_to_mar_head",
          "JAX head -> MAR layout safetensors"),
-        ("jax-to-safetensors", "mmar_jax.convert.export:cli_jax_to_safetensors",
+        ("jax-to-safetensors", "mmar_jax.commands.export:cli_jax_to_safetensors",
          "a training workdir's whole model -> safetensors under documented names + mmar_config.json"),
     )
 }
@@ -144,20 +144,20 @@ def _bench_torch_args(p):
 
 
 BENCH = {
-    what: ("mmar_jax.bench:cli_bench", lambda p, what=what: (_bench_args(p), p.set_defaults(what=what)),
+    what: ("mmar_jax.commands.bench:cli_bench", lambda p, what=what: (_bench_args(p), p.set_defaults(what=what)),
            help_)
     for what, help_ in (("train", "train-step time, tokens/s, MFU, peak memory"),
                         ("generate", "text-to-image images/s (masked AR with guidance)"),
                         ("caption", "image-to-text tokens/s (KV-cached decoding)"),
                         ("convert", "hf-to-jax + jax-to-hf time of a random checkpoint"))
 }
-BENCH["torch-train"] = ("mmar_jax.bench_torch:cli_bench_torch", _bench_torch_args,
+BENCH["torch-train"] = ("mmar_jax.commands.bench_torch:cli_bench_torch", _bench_torch_args,
                         "the same train step in PyTorch eager (CPU reference), same keys")
-BENCH["memory"] = ("mmar_jax.train.memory:cli_bench_memory", _bench_memory_args,
+BENCH["memory"] = ("mmar_jax.commands.bench_memory:cli_bench_memory", _bench_memory_args,
                    "the train step's memory per device from an ahead-of-time compile")
 
 DIAGNOSE = {
-    "numerics": ("mmar_jax.diffusion.diagnose:cli_numerics", _numerics_args,
+    "numerics": ("mmar_jax.commands.diagnose:cli_numerics", _numerics_args,
                  "bf16 error of eps / v / x0 parameterisations: table, numerics.json, plot"),
 }
 
@@ -205,8 +205,8 @@ def setup_jax_environment(cpu_devices: int | None):
 
 
 def main(argv=None) -> int:
-  from mmar_jax.config import ConfigError, split_override_args
-  from mmar_jax.convert.common import ConversionError
+  from mmar_jax.config import split_override_args
+  from mmar_jax.errors import ConfigError, ConversionError
 
   argv = list(sys.argv[1:] if argv is None else argv)
   try:

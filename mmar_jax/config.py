@@ -16,9 +16,7 @@ from typing import Any, Iterable, Sequence
 import ml_collections
 from ml_collections import config_dict
 
-
-class ConfigError(ValueError):
-  """A config file, key or value given by the user is not usable."""
+from mmar_jax.errors import ConfigError
 
 
 def load_file(spec: str) -> ml_collections.ConfigDict:

@@ -15,7 +15,7 @@ import tempfile
 
 import numpy as np
 
-from mmar_jax.repro.hf_parity import make_tiny_hf_checkpoint
+from mmar_jax.convert.hf import make_tiny_hf_checkpoint
 
 CONFIGS = {
     # untied, GQA (2 query heads per kv head), rope_theta 1e4

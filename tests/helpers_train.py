@@ -42,7 +42,8 @@ def train_here(workdir, *overrides) -> dict:
   """The same training run inside the test process (its compiled functions and compilation
   cache are reused): a start from whatever `workdir` holds, like a new process."""
   from mmar_jax.config import apply_overrides, load_file
-  from mmar_jax.train.loop import resolve_config, train
+  from mmar_jax.train.loop import train
+  from mmar_jax.train.workdir import resolve_config
   args = [tuple(o[len("--config."):].split("=", 1)) for o in (*LOGGED, *overrides)]
   if (os.path.exists(os.path.join(workdir, "config.json"))):
     config = resolve_config(str(workdir), None, args)
@@ -98,7 +99,7 @@ def restore(workdir, step: int, mesh: str = "1,8,1", devices=None) -> tuple[dict
   from mmar_jax.models.mmar import model_config
   from mmar_jax.parallel.mesh import make_mesh
   from mmar_jax.train.checkpoint import Checkpointer
-  from mmar_jax.train.loop import resolve_config
+  from mmar_jax.train.workdir import resolve_config
   from mmar_jax.train.step import abstract_train_state, build
   config = resolve_config(workdir, None, [("mesh", mesh)])
   mcfg = model_config(config, load_text_tokenizer(os.path.join(workdir, "tokenizer")))

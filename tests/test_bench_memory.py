@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, subprocess_env, tiny_config
-from mmar_jax.config import ConfigError
-from mmar_jax.train import memory
+from mmar_jax.errors import ConfigError
+from mmar_jax.commands import bench_memory as memory
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 KEYS = {"argument_bytes", "output_bytes", "temp_bytes", "total_bytes", "analytic", "estimate"}

@@ -12,8 +12,8 @@ import pytest
 import helpers_hf as H
 from mmar_jax import cli
 from mmar_jax.convert import hf, safetensors_io as sio
-from mmar_jax.convert.common import ConversionError
-from mmar_jax.convert.params_io import load_params, read_json
+from mmar_jax.errors import ConversionError
+from mmar_jax.files import load_params, read_json
 
 # -- safetensors_io ---------------------------------------------------------------------------------
 

@@ -292,7 +292,7 @@ def _tiny_vae(directory) -> str:
   """A `convert mar-vae`-style output holding a small random VAE."""
   from flax import nnx
 
-  from mmar_jax.convert.params_io import save_params, write_json
+  from mmar_jax.files import save_params, write_json
   from mmar_jax.models.vae import VAE, VAEConfig
   cfg = VAEConfig(ch=32, ch_mult=(1, 2), embed_dim=4)
   params = nnx.split(VAE(cfg, rngs=nnx.Rngs(1)))[1].to_pure_dict()
@@ -334,7 +334,7 @@ def test_latent_shards_give_the_batches_of_encoding_on_the_fly(tmp_path, bytes_t
     np.testing.assert_array_equal(sample(b["latent_mean"], b["latent_logvar"], keys),
                                   sample(mean, logvar, keys))
   # Latents from another image tokenizer are refused, naming what differs.
-  from mmar_jax.config import ConfigError
+  from mmar_jax.errors import ConfigError
   with pytest.raises(ConfigError, match="embed_dim"):
     sources.make_source(tiny_config(*VAE_OVERRIDES, ("model.image.vae.embed_dim", "8"),
                                     ("data.source", f"latents:{tmp_path / 'latents'}")))

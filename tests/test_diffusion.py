@@ -263,10 +263,10 @@ def test_cfg_one_equals_conditional_only_and_guidance_changes_samples():
   z_cond = np.random.default_rng(0).normal(size=(N, 2)).astype(np.float32)
   doubled = np.concatenate([z_cond, np.zeros((N, 2), np.float32)])  # [cond; uncond]
   key = jax.random.split(jax.random.key(5), N)  # per-row keys
-  guided_run = jax.jit(lambda z, cfg: samplers.ddpm_sample(_toy_head, z, key, cfg=cfg, channels=C,
-                                                           num_steps=20))
-  plain_run = jax.jit(lambda z, key: samplers.ddpm_sample(_toy_head, z, key, channels=C,
-                                                          num_steps=20))
+  guided_run = jax.jit(lambda z, cfg: samplers.sample(_toy_head, z, key, method="ddpm", cfg=cfg,
+                                                       channels=C, num_steps=20))
+  plain_run = jax.jit(lambda z, key: samplers.sample(_toy_head, z, key, method="ddpm", channels=C,
+                                                      num_steps=20))
   plain = plain_run(z_cond, key)
   np.testing.assert_allclose(guided_run(doubled, jnp.full((N,), 1.0)), plain, atol=1e-6)
   guided = guided_run(doubled, jnp.full((N,), 4.0))

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from mmar_jax.convert import mar_head
-from mmar_jax.convert.common import ConversionError
+from mmar_jax.errors import ConversionError
 from mmar_jax.models import diffusion_head as dh
 
 C, D, W, DEPTH, N = 16, 24, 32, 2, 5  # token channels, condition, width, res blocks, tokens
@@ -212,7 +212,7 @@ def test_cli_mar_checkpoint_round_trip_and_prediction_guard(tmp_path, mar_state_
   from safetensors.numpy import load_file
 
   from mmar_jax.cli import main
-  from mmar_jax.convert.params_io import load_params
+  from mmar_jax.files import load_params
 
   ema = dict(mar_state_dict)
   ema["diffusion_pos_embed_learned"] = np.random.default_rng(2).normal(size=(1, 4, D)).astype(

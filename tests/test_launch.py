@@ -405,7 +405,7 @@ def test_distributed_plan(env, expected):
     ({"MMAR_DISTRIBUTED": "yes-please"}, "use auto or 0"),
 ])
 def test_distributed_plan_errors(env, says):
-  from mmar_jax.config import ConfigError
+  from mmar_jax.errors import ConfigError
   with pytest.raises(ConfigError, match=says):
     distributed.plan(env)
 

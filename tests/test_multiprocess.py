@@ -64,7 +64,8 @@ distributed.maybe_initialize(distributed.with_flags(address, 2, int(pid)))
 import jax
 from mmar_jax.data.pipeline import global_batch, make_batcher
 from mmar_jax.train.checkpoint import Checkpointer
-from mmar_jax.train.loop import make_source, resolve_config, setup
+from mmar_jax.data.sources import make_source
+from mmar_jax.train.workdir import resolve_config, setup
 from mmar_jax.train.step import abstract_train_state
 assert jax.process_count() == 2 and jax.device_count() == 8
 config = resolve_config(workdir, None, [])

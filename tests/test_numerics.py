@@ -15,8 +15,10 @@ from flax import nnx
 
 from conftest import ROOT, subprocess_env, tiny_config
 from mmar_jax.diffusion import numerics as nm
+from mmar_jax.models import head_precision as hp
 from mmar_jax.diffusion import schedule as sched_lib
 from mmar_jax.models import diffusion_head as dh
+from mmar_jax.train import precision
 
 SMALL = dh.HeadConfig(token_channels=4, cond_dim=8, width=32, depth=2, compute_dtype="float32")
 
@@ -58,7 +60,7 @@ def test_predicted_step_error_orders_as_the_argument():
 @pytest.mark.parametrize("cfg", [SMALL, SMALL.replace(learn_sigma=True, n_positions=4,
                                                       scan_layers=False, prediction="eps")])
 def test_precision_check_passes_for_bf16(cfg):
-  summary = nm.check_precision(cfg)
+  summary = hp.check_precision(cfg)
   assert summary["dot_operand_dtypes"] == ["bfloat16"] and summary["head_output"] == "bfloat16"
   assert summary["loss"] == ["float32"] and summary["reduction_dtypes"] == ["float32"]
   # input_proj, 2 time-MLP, cond_embed, 3 per block (a scan body counts once), 2 final
@@ -78,11 +80,11 @@ def test_precision_check_catches_a_secret_fp32_upcast(monkeypatch):
                                             jnp.zeros((2, 8))), dh.abstract_params(cfg))
   assert out.dtype == jnp.bfloat16  # looks like bf16 from outside
   with pytest.raises(AssertionError, match="silent fp32 upcast"):
-    nm.check_precision(SMALL)
+    hp.check_precision(SMALL)
 
 
 def test_precision_check_catches_an_fp32_loss():
-  summary = dict(nm.precision_summary(SMALL), reduction_dtypes=["bfloat16"])
+  summary = dict(hp.precision_summary(SMALL), reduction_dtypes=["bfloat16"])
   with pytest.raises(AssertionError, match="reduction_dtypes"):
     nm.assert_precision(summary)
 
@@ -97,7 +99,7 @@ def _bucket(step, x0=2e-3, sample=2e-3, head=3e-3, se=1e-5, n=4096):
 
 @pytest.fixture(scope="module")
 def good_result():
-  summary = nm.precision_summary(SMALL)
+  summary = hp.precision_summary(SMALL)
   errs = {"eps": (1e-1, 2e-4, 7e-4), "v": (4e-5, 1e-4, 7.8e-4), "x0": (4e-5, 7e-5, 8.7e-4)}
   return {p: {"amplification": nm.amplification(p).tolist(), "precision": summary,
               "buckets": {b: _bucket(e) for b, e in zip(nm.BUCKETS, errs[p])}}
@@ -147,10 +149,10 @@ def test_measure_head_small():
   params = _random_params(cfg)
   x0 = jax.random.normal(jax.random.key(0), (64, 4))
   z = jax.random.normal(jax.random.key(1), (64, 8))
-  inputs = nm.bucket_inputs(jax.random.key(2), "t<=100", x0, z, n=256)
+  inputs = hp.bucket_inputs(jax.random.key(2), "t<=100", x0, z, n=256)
   kept = sched_lib.respaced_timesteps(nm.SAMPLE_STEPS)
   assert set(np.asarray(inputs["t"]).tolist()) <= set(kept[kept <= 100].tolist())
-  res = nm.measure_bucket(params, cfg, inputs, with_sample=True)
+  res = hp.measure_bucket(params, cfg, inputs, with_sample=True)
   assert res["n_tokens"] == 256
   for m in nm.METRICS:
     assert np.isfinite(res[m]) and np.isfinite(res["stderr"][m])
@@ -179,7 +181,7 @@ def test_head_precision_metrics_by_bucket():
   z = jax.random.normal(jax.random.key(1), (m, 8))
   noise = jax.random.normal(jax.random.key(2), (m, 4))
   mask = jnp.ones((m,)).at[:m // 3].set(0.0)  # the high-noise rows are unmasked: ignored
-  out = jax.jit(lambda p, *a: nm.head_precision_metrics(p, cfg, *a))(params, x0, z, t, noise, mask)
+  out = jax.jit(lambda p, *a: hp.head_precision_metrics(p, cfg, *a))(params, x0, z, t, noise, mask)
   out = jax.device_get(out)
   assert set(out) == {f"bf16/{k}_{b}" for k in ("head_rel_rms", "loss_rel_err", "rows")
                       for b in ("high", "mid", "low")}
@@ -203,7 +205,7 @@ def test_precision_probe_on_the_tiny_model(tiny_mcfg, demo_batcher):
   state["params"]["head"] = jax.tree.map(
       lambda a: a + 0.05 * jax.random.normal(jax.random.key(a.size), a.shape, a.dtype), head)
   state["step"] = state["step"] + 1
-  out = jax.device_get(nm.make_precision_probe(tr)(state, global_batch(demo_batcher, 0,
+  out = jax.device_get(precision.make_precision_probe(tr)(state, global_batch(demo_batcher, 0,
                                                                         tr.batch_sharding)))
   rows = sum(out[f"bf16/rows_{b}"] for b in ("high", "mid", "low"))
   assert rows > 0 and all(np.isfinite(v) for v in out.values())
@@ -234,7 +236,7 @@ def test_diagnose_numerics_fast_cli(tmp_path):
 
 
 def test_existing_outputs_are_refused(tmp_path):
-  from mmar_jax.diffusion import diagnose
+  from mmar_jax.commands import diagnose
   (tmp_path / "numerics.json").write_text("{}")
   with pytest.raises(FileExistsError, match="--overwrite"):
     diagnose.run_numerics(fast=True, out=tmp_path)
@@ -245,7 +247,7 @@ def test_existing_outputs_are_refused(tmp_path):
 
 def test_fast_workdir_checks_the_runs_head_config(tmp_path, tiny_mcfg):
   """--fast --workdir reads only model_config.json: the dtype check runs on the run's head."""
-  from mmar_jax.diffusion import diagnose
+  from mmar_jax.commands import diagnose
   cfg = tiny_mcfg.to_dict()
   cfg["head"]["prediction"] = "eps"
   (tmp_path / "model_config.json").write_text(json.dumps(cfg))
@@ -262,7 +264,7 @@ def test_fast_workdir_checks_the_runs_head_config(tmp_path, tiny_mcfg):
 
 @pytest.mark.slow
 def test_three_trained_demo_heads_follow_the_theory(tmp_path):
-  from mmar_jax.diffusion import diagnose
+  from mmar_jax.commands import diagnose
   result = diagnose.run_numerics(out=tmp_path)
   nm.check_numerics(result)
   assert result["meta"]["check"] == "passed"
@@ -282,7 +284,7 @@ def test_three_trained_demo_heads_follow_the_theory(tmp_path):
 
 @pytest.mark.slow
 def test_workdir_run_measures_its_own_head(tmp_path):
-  from mmar_jax.diffusion import diagnose
+  from mmar_jax.commands import diagnose
   from mmar_jax.train.loop import train
   workdir = tmp_path / "run"
   config = tiny_config(("steps", "10"), ("model.head.prediction", "eps"))

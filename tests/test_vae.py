@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from mmar_jax.convert.common import ConversionError  # noqa: E402
+from mmar_jax.errors import ConversionError  # noqa: E402
 from mmar_jax.convert.mar_vae import ignored_keys, jax_to_mar_vae, mar_vae_to_jax  # noqa: E402
 from mmar_jax.models import image_tokenizer as itok  # noqa: E402
 from mmar_jax.models.vae import VAEConfig, param_paths, vae_from_params  # noqa: E402

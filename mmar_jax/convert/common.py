@@ -1,19 +1,13 @@
-"""What every converter shares: safe reading of torch files, all-or-nothing outputs."""
+"""What every converter shares: safe reading of torch files and exact torch <-> numpy arrays."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import shutil
-import tempfile
-from typing import Iterator
 
 import numpy as np
 
-
-class ConversionError(ValueError):
-  """A checkpoint that cannot be converted; the message names the tensor, key or file."""
+from mmar_jax.errors import ConversionError
 
 
 def load_state_dict(path: str, key: str | None = None) -> dict[str, np.ndarray]:
@@ -67,43 +61,3 @@ def numpy_to_torch(array: np.ndarray):
   if a.dtype == ml_dtypes.bfloat16:
     return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
   return torch.from_numpy(a)
-
-
-@contextlib.contextmanager
-def atomic_output(out: str, overwrite: bool = False, is_dir: bool = True) -> Iterator[str]:
-  """Yields a temporary path beside `out`; renamed onto `out` only if the block succeeds.
-
-  An existing `out` is refused without `overwrite`; on any error nothing is left behind and an
-  existing `out` is untouched.
-  """
-  out = os.path.abspath(out)
-  if os.path.exists(out) and not overwrite:
-    raise ConversionError(f"output {out} exists; pass --overwrite to replace it")
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  base = os.path.basename(out)
-  if is_dir:
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700: outputs must be readable like any mkdir
-  else:
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", dir=parent)
-    os.close(fd)
-  try:
-    yield tmp
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True) if is_dir else _unlink(tmp)
-    raise
-  if os.path.exists(out):
-    old = f"{tmp}.old"
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else _unlink(old)
-  else:
-    os.rename(tmp, out)
-
-
-def _unlink(path):
-  with contextlib.suppress(FileNotFoundError):
-    os.remove(path)

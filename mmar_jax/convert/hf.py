@@ -25,7 +25,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from mmar_jax.convert import safetensors_io as sio
-from mmar_jax.convert.common import ConversionError, atomic_output
+from mmar_jax.errors import ConversionError
+from mmar_jax.files import atomic_output
+from mmar_jax import trees
 from mmar_jax.models.qwen2 import Qwen2Config
 
 ARCHITECTURE = "Qwen2ForCausalLM"
@@ -232,26 +234,6 @@ def hf_layout(cfg: Qwen2Config) -> list[Slot]:
   return slots
 
 
-def _flat(tree: dict, prefix=()) -> dict[tuple, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _nested(flat: dict[tuple, Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return out
-
-
 def _first(names, n=5) -> str:
   names = sorted(names)
   return ", ".join(names[:n]) + (f" (and {len(names) - n} more)" if len(names) > n else "")
@@ -304,7 +286,7 @@ def params_from_hf_dir(hf_dir: str, progress: bool = False) -> tuple[Qwen2Config
   with sio.CheckpointDir(hf_dir) as ckpt:
     dtype = _check_tensors(ckpt, slots, cfg)
     cfg = cfg.replace(param_dtype=_DTYPE_NAMES[dtype.name])
-    abstract = _flat(abstract_params(cfg))
+    abstract = trees.flatten(abstract_params(cfg))
     # The stacked arrays are the only full-size allocation: each tensor is copied into its slot.
     flat = {path: np.empty(a.shape, dtype) for path, a in abstract.items()}
     by_name = {s.hf_name: s for s in slots}
@@ -324,7 +306,7 @@ def params_from_hf_dir(hf_dir: str, progress: bool = False) -> tuple[Qwen2Config
       if not np.array_equal(ckpt.get(LM_HEAD).view(np.uint8), flat[("embed_tokens",)].view(np.uint8)):
         raise ConversionError(f"{hf_dir}: {LM_HEAD} differs from {EMBED} but config.json says "
                               "tie_word_embeddings=true")
-  return cfg, _nested(flat)
+  return cfg, trees.unflatten(flat)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -341,7 +323,7 @@ def model_config_dict(cfg: Qwen2Config, source: dict | None = None) -> dict:
 
 def read_model_config(ckpt_dir: str) -> tuple[Qwen2Config, dict]:
   """(Qwen2Config, source block) of an hf-to-jax output directory."""
-  from mmar_jax.convert.params_io import read_json
+  from mmar_jax.files import read_json
   try:
     d = read_json(ckpt_dir, MODEL_CONFIG)
   except FileNotFoundError:
@@ -366,7 +348,7 @@ def copy_tokenizer_files(src: str, dst: str) -> list[str]:
 
 def hf_to_jax(hf_dir: str, out: str, overwrite: bool = False, progress: bool = False) -> Qwen2Config:
   """Converts a HF Qwen2 directory into `out/{params/, model_config.json, tokenizer/}`."""
-  from mmar_jax.convert.params_io import save_params, write_json
+  from mmar_jax.files import save_params, write_json
   raw = read_hf_config_json(hf_dir)
   with atomic_output(out, overwrite) as tmp:
     cfg, params = params_from_hf_dir(hf_dir, progress=progress)
@@ -387,7 +369,7 @@ def hf_to_jax(hf_dir: str, out: str, overwrite: bool = False, progress: bool = F
 
 
 def _check_params(flat: dict[tuple, Any], cfg: Qwen2Config):
-  expected = _flat(abstract_params(cfg))
+  expected = trees.flatten(abstract_params(cfg))
   name = lambda p: "/".join(p)
   missing = set(expected) - set(flat)
   if missing:
@@ -407,7 +389,7 @@ def _to_numpy(x) -> np.ndarray:
 
 
 def _resolve_dtype(dtype, flat) -> np.dtype:
-  from mmar_jax.models.layers import get_dtype
+  from mmar_jax.dtypes import get_dtype
   if dtype is None:
     return np.dtype(flat[("embed_tokens",)].dtype)
   name = _CLI_DTYPES.get(str(dtype), dtype)
@@ -429,7 +411,7 @@ def jax_to_hf(params: dict, model_cfg: Qwen2Config, out: str, dtype=None, max_sh
     raise ConversionError(f"output {os.path.abspath(out)} exists; pass --overwrite to replace it")
   if hasattr(params, "to_pure_dict"):
     params = params.to_pure_dict()
-  flat = {p: _to_numpy(v) for p, v in _flat(params).items()}
+  flat = {p: _to_numpy(v) for p, v in trees.flatten(params).items()}
   _check_params(flat, model_cfg)
   out_dtype = _resolve_dtype(dtype, flat)
   dtype_name = _DTYPE_NAMES.get(out_dtype.name)
@@ -452,7 +434,7 @@ def jax_to_hf(params: dict, model_cfg: Qwen2Config, out: str, dtype=None, max_sh
     # transformers refuses safetensors whose metadata lacks a known "format".
     files = sio.write_sharded(tmp, specs, produce, max_shard_size, metadata={"format": "pt"})
     bar.close()
-    from mmar_jax.convert.params_io import write_json
+    from mmar_jax.files import write_json
     write_json(tmp, "config.json", config)
     files.append("config.json")
     if tokenizer_dir is not None:
@@ -464,7 +446,7 @@ def jax_to_hf(params: dict, model_cfg: Qwen2Config, out: str, dtype=None, max_sh
 
 
 def _count(cfg: Qwen2Config) -> int:
-  return sum(int(np.prod(a.shape)) for a in _flat(abstract_params(cfg)).values())
+  return sum(int(np.prod(a.shape)) for a in trees.flatten(abstract_params(cfg)).values())
 
 
 def cli_hf_to_jax(args) -> int:
@@ -478,7 +460,7 @@ def cli_hf_to_jax(args) -> int:
 def cli_jax_to_hf(args) -> int:
   if getattr(args, "step", None) is not None:
     raise ConversionError("--step applies to --workdir only; a --ckpt directory holds one set of params")
-  from mmar_jax.convert.params_io import load_params
+  from mmar_jax.files import load_params
   cfg, source = read_model_config(args.ckpt)
   print(f"converting {args.ckpt} -> {args.out}", flush=True)
   params = load_params(args.ckpt)
@@ -496,11 +478,48 @@ def qwen2_from_params(cfg: Qwen2Config, params: dict):
   import jax.numpy as jnp
   from flax import nnx
 
-  from mmar_jax.models.layers import get_dtype
+  from mmar_jax.dtypes import get_dtype
   from mmar_jax.models.qwen2 import Qwen2
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0))))
-  flat = _flat(params.to_pure_dict() if hasattr(params, "to_pure_dict") else params)
+  flat = trees.flatten(params.to_pure_dict() if hasattr(params, "to_pure_dict") else params)
   _check_params(flat, cfg)
   dtype = get_dtype(cfg.param_dtype)
-  nnx.replace_by_pure_dict(state, _nested({p: jnp.asarray(v, dtype) for p, v in flat.items()}))
+  nnx.replace_by_pure_dict(state, trees.unflatten({p: jnp.asarray(v, dtype) for p, v in flat.items()}))
   return nnx.merge(graphdef, state)
+
+
+# -- a random checkpoint (tests, benchmarks, the repro checks) ------------------------------------
+
+
+def make_tiny_hf_checkpoint(out: str, *, vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2,
+                            num_heads: int = 4, num_kv_heads: int = 2, head_dim: int | None = None,
+                            intermediate_size: int = 128, rope_theta: float = 1e4,
+                            tie_word_embeddings: bool = False, dtype: str = "float32", seed: int = 0,
+                            init_std: float = 0.02, max_shard_size: str | None = None,
+                            rms_norm_eps: float = 1e-6) -> str:
+  """A random `Qwen2ForCausalLM` saved with `save_pretrained` (real HF layout, offline).
+
+  Biases and norm weights are randomised too (HF initialises them to 0 / 1), so a converter
+  that dropped or swapped them would show up in the logits.
+  """
+  import torch
+  from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
+  from transformers.utils import logging as hf_logging
+  hf_logging.disable_progress_bar()
+  torch.manual_seed(seed)
+  kw = dict(head_dim=head_dim) if head_dim is not None else {}
+  hc = HFConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                intermediate_size=intermediate_size, rope_theta=rope_theta, rms_norm_eps=rms_norm_eps,
+                tie_word_embeddings=tie_word_embeddings, initializer_range=init_std, **kw)
+  model = Qwen2ForCausalLM(hc).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("bias"):
+        p.normal_(0.0, init_std)
+      elif "norm" in name:
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+  model = model.to(getattr(torch, dtype))
+  kwargs = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
+  model.save_pretrained(out, **kwargs)
+  return out

@@ -20,7 +20,9 @@ import re
 
 import numpy as np
 
-from mmar_jax.convert.common import ConversionError, atomic_output
+from mmar_jax import trees
+from mmar_jax.errors import ConversionError
+from mmar_jax.files import atomic_output
 from mmar_jax.models.diffusion_head import HeadConfig
 
 PREFIXES = ("diffloss.net.", "net.")
@@ -175,7 +177,7 @@ def mar_head_to_jax(state_dict: dict, prediction: str = "eps",
 def jax_to_mar_head(cfg: HeadConfig, params: dict) -> dict:
   """Pure params -> MAR state dict {`diffloss.net.<name>`: numpy array} (+ the position embedding
   under MAR's top-level name when the head has one), bit for bit."""
-  get = lambda *path: np.asarray(_at(params, path))
+  get = lambda *path: np.asarray(trees.at(params, path, ConversionError))
   out = {}
   for mar, path in TOP_LEVEL.items():
     out[f"{OUT_PREFIX}{mar}.weight"] = np.ascontiguousarray(get(*path, "kernel").T)
@@ -193,14 +195,6 @@ def jax_to_mar_head(cfg: HeadConfig, params: dict) -> dict:
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def _at(tree: dict, path):
-  for p in path:
-    if p not in tree:
-      raise ConversionError(f"params have no {'/'.join(path)}")
-    tree = tree[p]
-  return tree
-
-
 # -- files ----------------------------------------------------------------------------------------
 
 def read_prediction_metadata(path: str) -> str | None:
@@ -213,7 +207,7 @@ def read_prediction_metadata(path: str) -> str | None:
 
 def cli_mar_head(args) -> int:
   from mmar_jax.convert.common import load_state_dict
-  from mmar_jax.convert.params_io import save_params, write_json
+  from mmar_jax.files import save_params, write_json
   from mmar_jax.diffusion.parameterization import PREDICTIONS
 
   is_st = args.src.endswith(".safetensors")
@@ -244,7 +238,7 @@ def cli_mar_head(args) -> int:
 
 def cli_jax_to_mar_head(args) -> int:
   from mmar_jax.convert import safetensors_io
-  from mmar_jax.convert.params_io import load_params, read_json
+  from mmar_jax.files import load_params, read_json
 
   if not args.out.endswith(".safetensors"):
     raise ConversionError(f"--out must be a .safetensors file, got {args.out}")

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from mmar_jax.convert.common import ConversionError
+from mmar_jax.errors import ConversionError
 
 PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 CONFIG_FILE = "vae_config.json"
@@ -161,8 +161,9 @@ def _describe(cfg) -> str:
 
 def cli_mar_vae(args) -> int:
   """`convert mar-vae --src FILE --out DIR`: writes DIR/params/ and DIR/vae_config.json."""
-  from mmar_jax.convert.common import atomic_output, load_state_dict
-  from mmar_jax.convert.params_io import save_params, write_json
+  from mmar_jax.convert.common import load_state_dict
+  from mmar_jax.files import atomic_output
+  from mmar_jax.files import save_params, write_json
   sd = load_state_dict(args.src)
   skipped = ignored_keys(sd)
   cfg, params = mar_vae_to_jax(sd)
@@ -179,10 +180,9 @@ def cli_mar_vae(args) -> int:
 def cli_jax_to_mar_vae(args) -> int:
   """`convert jax-to-mar-vae --ckpt DIR --out FILE.safetensors`: MAR layout, fp32 as stored."""
   import jax
-  from safetensors.numpy import save_file
 
-  from mmar_jax.convert.common import atomic_output
-  from mmar_jax.convert.params_io import load_params, read_json
+  from mmar_jax.convert import safetensors_io
+  from mmar_jax.files import atomic_output, load_params, read_json
   if not args.out.endswith(".safetensors"):
     raise ConversionError(f"--out {args.out}: expected a .safetensors file name")
   try:
@@ -192,6 +192,6 @@ def cli_jax_to_mar_vae(args) -> int:
     raise ConversionError(f"--ckpt {args.ckpt}: not a `convert mar-vae` output ({e})") from e
   sd = jax_to_mar_vae(cfg, jax.tree.map(np.asarray, params))
   with atomic_output(args.out, overwrite=args.overwrite, is_dir=False) as tmp:
-    save_file(sd, tmp, metadata={"format": "pt"})
+    safetensors_io.save_file(tmp, sd, {"format": "pt"})
   print(f"jax-to-mar-vae: {len(sd)} tensors -> {args.out}", file=sys.stderr)
   return 0

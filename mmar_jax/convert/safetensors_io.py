@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 import ml_dtypes
 import numpy as np
 
-from mmar_jax.convert.common import ConversionError
+from mmar_jax.errors import ConversionError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -385,7 +385,8 @@ def write_file(path: str, specs: Sequence[tuple[str, TensorSpec | tuple]], produ
 
 
 def save_file(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> int:
-  """All-in-memory convenience: {name: array} -> one file."""
+  """{name: array} -> one file, through `write_file`: the one writer of the package (it streams,
+  so the file's bytes are never a second copy of the arrays in memory)."""
   arrays = {k: np.asarray(v) for k, v in tensors.items()}
   return write_file(path, [(k, TensorSpec(a.dtype, a.shape)) for k, a in arrays.items()],
                     arrays.__getitem__, metadata)

@@ -31,7 +31,7 @@ import tempfile
 import numpy as np
 from etils import epath
 
-from mmar_jax.config import ConfigError
+from mmar_jax.errors import ConfigError
 from mmar_jax.data import sources
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def _publish(tmp: str, out: str, names: list[str], overwrite: bool):
   """All or nothing: a local --out is renamed into place; a remote one gets latents.json last,
   so a half-copied directory is never a `latents:` source."""
   if "://" not in out:
-    from mmar_jax.convert.common import atomic_output
+    from mmar_jax.files import atomic_output
     with atomic_output(out, overwrite=overwrite) as staging:
       for name in names:
         shutil.move(os.path.join(tmp, name), os.path.join(staging, name))

@@ -418,7 +418,7 @@ def latent_fingerprint(config) -> dict:
 
 def make_source(config, source: str | None = None, split: str = "train"):
   """The record source a config names (`data.source`, or `source` if given)."""
-  from mmar_jax.config import ConfigError
+  from mmar_jax.errors import ConfigError
   spec = config.data.source if source is None else source
   size = int(config.model.image.size)
   kind, _, arg = spec.partition(":")

@@ -1,38 +1,25 @@
-"""bf16 numerics of the eps / v / x0 parameterisations (method.md §4, "The numerical argument").
+"""bf16 numerics of the eps / v / x0 parameterisations (method.md §4, "The numerical argument"):
+the pure part.
 
-Three kinds of evidence for MMAR's claim that v-prediction minimises the bf16 error of every
-sampling step:
-
-1. Analytic: a head that outputs o = a x0 + b eps with error delta sqrt(a^2 + b^2) makes a DDIM
-   step t -> t' err by |sigma_t' alpha_t - alpha_t' sigma_t| delta A_t with the amplification
-   A_t = sqrt(a^2 + b^2) / |alpha_t b - sigma_t a| >= 1 (Cauchy-Schwarz), = 1 exactly for v,
-   1/alpha_t for eps, 1/sigma_t for x0. Computed in float64 from the schedule.
-2. Empirical: the same head parameters run with compute_dtype bf16 and fp32 on identical
-   (x_t, t, z); relative RMS differences of the one-step DDIM update, of x0_hat and of a DDIM
-   chain down to x0, per timestep bucket, with a standard error over token groups. The ordering
-   check (v not worse than eps at t >= 900, nor than x0 at t <= 100) covers the DDIM step and
-   the sample; x0_hat is reported only (see ORDERING_METRICS for why it differs at low noise).
-3. The precision contract itself (method.md §4 "Precision DEFAULT"): the jaxpr of the diffusion
-   loss is scanned so that a head that secretly computes in fp32 (and casts its output to bf16)
-   cannot pass for a bf16 one.
-
-This module is the library (no file I/O); `mmar_jax.diffusion.diagnose` trains the demo heads,
-reads a workdir, prints the table, writes numerics.json and the plot. `head_precision_metrics` /
-`make_precision_probe` are the training-time monitor (bf16-vs-fp32 error by bucket).
+MMAR claims v-prediction minimises the bf16 error of every sampling step. The analytic argument:
+a head that outputs o = a x0 + b eps with error delta sqrt(a^2 + b^2) makes a DDIM step t -> t'
+err by |sigma_t' alpha_t - alpha_t' sigma_t| delta A_t with the amplification
+A_t = sqrt(a^2 + b^2) / |alpha_t b - sigma_t a| >= 1 (Cauchy-Schwarz), = 1 exactly for v,
+1/alpha_t for eps, 1/sigma_t for x0, computed here in float64 from the schedule. Also here: the
+statistics and the checks of a measured result (a dict, or a loaded numerics.json), and a walk
+over jaxprs. What runs a head lives above this library: `models/head_precision.py` measures a
+head bf16 vs fp32 and reads its precision contract off the jaxpr, `train/precision.py` is the
+training-time monitor, `commands/diagnose.py` the `diagnose numerics` command.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import chex
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mmar_jax.diffusion import parameterization as par
-from mmar_jax.diffusion import samplers
 from mmar_jax.diffusion import schedule as sched_lib
 
 # Inclusive timestep ranges. The two named by the issue carry the theory's predictions (eps is
@@ -90,7 +77,7 @@ def predicted_step_error(prediction: str, num_steps: int = SAMPLE_STEPS):
   return kept, BF16_ROUNDOFF * amplification(prediction)[kept] * step_factor(kept, prev)
 
 
-# -- 2. the precision contract -------------------------------------------------------------------
+# -- jaxprs ----------------------------------------------------------------------------------------
 
 def _sub_jaxprs(value):
   """Jaxprs nested in an equation parameter (scan/while bodies, pjit, custom_jvp, cond)."""
@@ -116,45 +103,27 @@ def _dtypes(variables) -> list[str]:
   return sorted({str(v.aval.dtype) for v in variables})
 
 
-def precision_summary(head_cfg, rows: int = 8) -> dict:
-  """What the bf16 path of `head_cfg` computes in which dtype, read off the jaxpr of the diffusion
-  loss (traced on abstract values: nothing is initialised or run)."""
-  from mmar_jax.models import diffusion_head as dh
-  cfg = head_cfg.replace(compute_dtype="bfloat16")
-  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  c = cfg.token_channels
-  args = (dh.abstract_params(cfg), f32(rows, c), f32(rows, cfg.cond_dim), f32(rows),
-          jax.ShapeDtypeStruct((rows,), jnp.int32), f32(rows, c))
-  positions = jnp.zeros((rows,), jnp.int32) if cfg.n_positions else None
+def rel_rms(approx, exact, groups: int = GROUPS) -> tuple[float, float]:
+  """(rms(approx - exact) / rms(exact), its standard error over `groups` token groups), float64."""
+  a = np.asarray(approx, np.float64).reshape(len(approx), -1)
+  e = np.asarray(exact, np.float64).reshape(len(exact), -1)
+  err, ref = np.square(a - e).sum(-1), np.square(e).sum(-1)
+  value = math.sqrt(err.sum() / max(ref.sum(), 1e-300))
+  per_group = [math.sqrt(x.sum() / max(r.sum(), 1e-300))
+               for x, r in zip(np.array_split(err, groups), np.array_split(ref, groups))]
+  return value, float(np.std(per_group, ddof=1) / math.sqrt(groups))
 
-  def head(params, x, t, z):
-    return dh.forward(params, cfg, x, t, z, positions)
 
-  def loss(params, x0, z, w, t, noise):
-    return par.diffusion_loss(lambda a, b, cc: head(params, a, b, cc), x0, z, w, t, noise,
-                              prediction=cfg.prediction)
+def by_timestep(approx, exact, t) -> dict:
+  """{"t": [...], "rel_rms": [...]}: the relative RMS error at each timestep present."""
+  t = np.asarray(t)
+  ts = np.unique(t)
+  return {"t": ts.tolist(),
+          "rel_rms": [rel_rms(np.asarray(approx)[t == v], np.asarray(exact)[t == v], 2)[0]
+                      for v in ts]}
 
-  eqns = list(iter_eqns(jax.make_jaxpr(loss)(*args).jaxpr))
-  dots = [e for e in eqns if e.primitive.name == "dot_general"]
-  sums = [e for e in eqns if e.primitive.name == "reduce_sum"]
-  params, x0, z, _, t, noise = args
-  alpha, sigma = jax.eval_shape(sched_lib.alpha_sigma, t)
-  target = jax.eval_shape(lambda *a: par.prediction_target(cfg.prediction, *a), x0, noise,
-                          f32(rows, 1), f32(rows, 1))
-  out = jax.eval_shape(head, params, x0, t, z)
-  losses = jax.eval_shape(loss, *args)
-  return {
-      "claimed": "bfloat16",
-      "dot_general": len(dots),
-      "dot_operand_dtypes": _dtypes(v for e in dots for v in e.invars),
-      "dot_result_dtypes": _dtypes(v for e in dots for v in e.outvars),
-      "head_output": str(out.dtype),
-      "alpha_sigma": sorted({str(alpha.dtype), str(sigma.dtype)}),
-      "target": str(target.dtype),
-      "reduction_dtypes": _dtypes(v for e in sums for v in e.invars),
-      "loss": sorted({str(a.dtype) for a in losses}),
-  }
 
+# -- checks of a result: the precision contract (method.md §4 "Precision DEFAULT") ---------------
 
 def assert_precision(summary: dict) -> None:
   """method.md §4: the head's matmuls and its output are bf16; alpha_t, sigma_t, the targets and
@@ -179,138 +148,7 @@ def assert_precision(summary: dict) -> None:
     raise AssertionError("precision contract (method.md §4) violated: " + "; ".join(problems))
 
 
-def check_precision(head_cfg) -> dict:
-  """`precision_summary` + `assert_precision`; returns the summary."""
-  summary = precision_summary(head_cfg)
-  assert_precision(summary)
-  return summary
-
-
-# -- 3. empirical: one head, bf16 vs fp32 on identical inputs -------------------------------------
-
-def _column_coefs(arrays: dict, k) -> samplers.StepCoefs:
-  """Per-token constants of kept step k [N]: [N, 1] columns against x [N, C]; t stays [N]."""
-  c = samplers.step_coefs(arrays, k)
-  cols = {f: getattr(c, f)[:, None] for f in samplers.StepCoefs._fields if f != "t"}
-  return c._replace(**cols)
-
-
-def _head(params, cfg, dtype: str, positions):
-  from mmar_jax.models import diffusion_head as dh
-  cfg = cfg.replace(compute_dtype=dtype)
-  return lambda x, t, z: dh.forward(params, cfg, x, t, z, positions)
-
-
-def _one_step(head, prediction, x_t, k, z, arrays):
-  """Head output (prediction channels, fp32), x0_hat and the DDIM update to the previous kept step,
-  through the samplers' own code."""
-  c = _column_coefs(arrays, k)
-  out = head(x_t, c.t, z).astype(jnp.float32)
-  pred, _ = par.split_output(out, x_t.shape[-1])
-  x0_hat, _ = par.x0_eps_from_prediction(prediction, pred, x_t, c.alpha, c.sigma)
-  return pred, x0_hat, samplers.ddim_step(out, x_t, c, prediction=prediction)
-
-
-def _chain(head, prediction, x_t, k, z, arrays):
-  """DDIM (eta = 0) from each token's own kept step k down to x0. All tokens walk the steps
-  together; a token stays at its x_t until the walk reaches its own start."""
-  n = x_t.shape[0]
-
-  def body(j, x):
-    step = jnp.max(k) - j
-    c = samplers.step_coefs(arrays, step)
-    out = head(x, jnp.full((n,), c.t, jnp.int32), z)
-    x_new = samplers.ddim_step(out, x, c, prediction=prediction)
-    return jnp.where((k >= step)[:, None], x_new, x)
-
-  return jax.lax.fori_loop(0, jnp.max(k) + 1, body, x_t)
-
-
-def _evaluate(params, cfg, x_t, k, z, positions, with_sample: bool):
-  arrays = samplers.schedule_arrays(SAMPLE_STEPS)
-  res = {}
-  for name, dtype in (("bf16", "bfloat16"), ("fp32", "float32")):
-    head = _head(params, cfg, dtype, positions)
-    pred, x0_hat, step = _one_step(head, cfg.prediction, x_t, k, z, arrays)
-    res[name] = {"head": pred, "x0": x0_hat, "ddim_step": step}
-    if with_sample:
-      res[name]["sample"] = _chain(head, cfg.prediction, x_t, k, z, arrays)
-  return res
-
-
-_evaluate_jit = jax.jit(_evaluate, static_argnames=("cfg", "with_sample"))
-
-
-def bucket_inputs(key, bucket: str, x0_pool, z_pool, n: int = MIN_TOKENS, positions_pool=None):
-  """n draws for a bucket: pool rows (with replacement), a kept step of the SAMPLE_STEPS chain
-  inside the bucket (so one DDIM step lands exactly on the previous kept step), fresh noise.
-  Returns dict(x_t, k, t, z, positions) with x_t formed in fp32 as in training."""
-  lo, hi = BUCKETS[bucket]
-  kept = sched_lib.respaced_timesteps(SAMPLE_STEPS)
-  ks = np.nonzero((kept >= lo) & (kept <= hi))[0]
-  if len(ks) == 0:
-    raise ValueError(f"bucket {bucket} holds no kept step of the {SAMPLE_STEPS}-step chain")
-  k_rows, k_k, k_noise = jax.random.split(key, 3)
-  rows = jax.random.randint(k_rows, (n,), 0, x0_pool.shape[0])
-  k = jnp.asarray(ks, jnp.int32)[jax.random.randint(k_k, (n,), 0, len(ks))]
-  t = jnp.asarray(kept, jnp.int32)[k]
-  x0 = jnp.asarray(x0_pool, jnp.float32)[rows]
-  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-  alpha, sigma = sched_lib.alpha_sigma(t)
-  x_t = par.q_sample(x0, noise, alpha[:, None], sigma[:, None])
-  positions = None if positions_pool is None else jnp.asarray(positions_pool)[rows]
-  return dict(x_t=x_t, k=k, t=t, z=jnp.asarray(z_pool)[rows], positions=positions)
-
-
-def rel_rms(approx, exact, groups: int = GROUPS) -> tuple[float, float]:
-  """(rms(approx - exact) / rms(exact), its standard error over `groups` token groups), float64."""
-  a = np.asarray(approx, np.float64).reshape(len(approx), -1)
-  e = np.asarray(exact, np.float64).reshape(len(exact), -1)
-  err, ref = np.square(a - e).sum(-1), np.square(e).sum(-1)
-  value = math.sqrt(err.sum() / max(ref.sum(), 1e-300))
-  per_group = [math.sqrt(x.sum() / max(r.sum(), 1e-300))
-               for x, r in zip(np.array_split(err, groups), np.array_split(ref, groups))]
-  return value, float(np.std(per_group, ddof=1) / math.sqrt(groups))
-
-
-def by_timestep(approx, exact, t) -> dict:
-  """{"t": [...], "rel_rms": [...]}: the relative RMS error at each timestep present."""
-  t = np.asarray(t)
-  ts = np.unique(t)
-  return {"t": ts.tolist(),
-          "rel_rms": [rel_rms(np.asarray(approx)[t == v], np.asarray(exact)[t == v], 2)[0]
-                      for v in ts]}
-
-
-def measure_bucket(params, head_cfg, inputs: dict, with_sample: bool = True) -> dict:
-  """bf16-vs-fp32 relative RMS errors of one head on one bucket's inputs (see `bucket_inputs`),
-  with standard errors and the DDIM-step error per timestep (`ddim_step_by_t`)."""
-  res = jax.device_get(_evaluate_jit(params, head_cfg, inputs["x_t"], inputs["k"], inputs["z"],
-                                     inputs["positions"], with_sample))
-  out = {"n_tokens": int(inputs["x_t"].shape[0]), "stderr": {},
-         "ddim_step_by_t": by_timestep(res["bf16"]["ddim_step"], res["fp32"]["ddim_step"],
-                                       inputs["t"])}
-  names = {"ddim_step": "ddim_step_rel_rms", "x0": "x0_rel_rms", "sample": "sample_rel_rms",
-           "head": "head_rel_rms"}
-  for short, name in names.items():
-    if short not in res["fp32"]:
-      out[name], out["stderr"][name] = None, None
-      continue
-    out[name], out["stderr"][name] = rel_rms(res["bf16"][short], res["fp32"][short])
-  return out
-
-
-def measure_head(params, head_cfg, x0_pool, z_pool, key, n: int = MIN_TOKENS,
-                 positions_pool=None) -> dict:
-  """Every bucket for one head; the same key gives every head the same (x_t, t, z)."""
-  buckets = {}
-  for i, name in enumerate(BUCKETS):
-    inputs = bucket_inputs(jax.random.fold_in(key, i), name, x0_pool, z_pool, n, positions_pool)
-    buckets[name] = measure_bucket(params, head_cfg, inputs, name in SAMPLE_BUCKETS)
-  return buckets
-
-
-# -- 4. checks of a result (`run_numerics` output or a loaded numerics.json) -----------------------
+# -- checks of a result (`run_numerics` output or a loaded numerics.json) -----------------------
 
 def _bucket_values(result: dict) -> dict:
   return {p: {b: {m: v for m, v in vals.items() if isinstance(v, (int, float))}
@@ -423,94 +261,3 @@ def check_numerics(result: dict) -> None:
       if v.get(metric) is None or o.get(metric) is None:
         continue
       assert_ordering(v, o, metric, f"{bucket}, v vs {other}")
-
-
-# -- 5. training-time monitor (issue item 4) -------------------------------------------------------
-
-def _masked_rel(a, b, w):
-  """Weighted relative RMS over rows: sqrt(sum w (a - b)^2 / sum w b^2); 0 with no rows."""
-  err = jnp.sum(w[:, None] * jnp.square(a - b))
-  ref = jnp.sum(w[:, None] * jnp.square(b))
-  return jnp.where(ref > 0, jnp.sqrt(err / jnp.maximum(ref, 1e-30)), 0.0)
-
-
-def head_precision_metrics(head_params, head_cfg, x0, z, t, noise, mask_weights=None,
-                           positions=None) -> dict[str, jax.Array]:
-  """bf16-vs-fp32 error of the head output and of the loss per timestep bucket (jittable).
-
-  Rows are training draws: x0 [M, C], z [M, D], t [M], noise [M, C], mask_weights [M] (default
-  all 1; rows with weight 0, e.g. unmasked tokens, are ignored), positions [M] for a head with
-  a learned position embedding. Keys: `bf16/head_rel_rms_<high|mid|low>` (relative RMS of the
-  prediction channels), `bf16/loss_rel_err_<...>` (|loss_bf16 - loss_fp32| / loss_fp32 of the
-  bucket's mean per-token loss) and `bf16/rows_<...>`; 0 for an empty bucket.
-  """
-  x0, noise = x0.astype(jnp.float32), noise.astype(jnp.float32)
-  w = jnp.ones(x0.shape[:1], jnp.float32) if mask_weights is None else mask_weights.astype(
-      jnp.float32)
-  alpha, sigma = sched_lib.alpha_sigma(t)
-  x_t = par.q_sample(x0, noise, alpha[:, None], sigma[:, None])
-  outs = {d: _head(head_params, head_cfg, d, positions)(x_t, t, z) for d in ("bfloat16", "float32")}
-  preds = {d: par.split_output(o.astype(jnp.float32), x0.shape[-1])[0] for d, o in outs.items()}
-  out = {}
-  for name, (lo, hi) in BUCKETS.items():
-    wb = w * ((t >= lo) & (t <= hi))
-    # The loss's own code on the outputs above (it forms the same x_t): one head call per dtype.
-    losses = {d: par.masked_mean(*par.diffusion_loss(lambda *_, o=o: o, x0, z, wb, t, noise,
-                                                     prediction=head_cfg.prediction))
-              for d, o in outs.items()}
-    ref = losses["float32"]
-    key = SHORT[name]
-    out[f"bf16/head_rel_rms_{key}"] = _masked_rel(preds["bfloat16"], preds["float32"], wb)
-    out[f"bf16/loss_rel_err_{key}"] = jnp.where(
-        ref > 0, jnp.abs(losses["bfloat16"] - ref) / jnp.maximum(ref, 1e-30), 0.0)
-    out[f"bf16/rows_{key}"] = jnp.sum(wb)
-  return out
-
-
-def image_conditions(model, prep: dict) -> jax.Array:
-  """z [B, N, D]: the LLM outputs at the image positions, as `MMAR.loss_sums` computes them."""
-  from mmar_jax.models import sequence
-  image_embeds = model.embed_image(prep["tokens"], prep["masked"])
-  x, _, lay = model.sequence_inputs(prep["text"], prep["text_len"], prep["kind"], image_embeds)
-  hidden, _ = model.backbone(x, lay["positions"], lay["segment_ids"], lay["block_ids"])
-  return sequence.gather_image(hidden, lay["image_pos"])
-
-
-def head_rows(model, prep: dict) -> dict[str, Any]:
-  """A prepared batch as head rows, draw-major as the loss has them (row d * B N + r)."""
-  b, n, c = prep["tokens"].shape
-  mul = prep["t"].shape[-1]
-  z = image_conditions(model, prep).reshape(b * n, -1)
-  draw_major = lambda a: jnp.moveaxis(a, 2, 0).reshape(-1, *a.shape[3:])
-  rep = lambda a: par.repeat_for_draws(a, mul)
-  positions = jnp.tile(jnp.arange(n), b * mul) if model.cfg.head.n_positions else None
-  return dict(x0=rep(prep["tokens"].reshape(b * n, c)), z=rep(z), t=draw_major(prep["t"]),
-              noise=draw_major(prep["noise"]),
-              mask_weights=rep(prep["masked"].reshape(b * n).astype(jnp.float32)),
-              positions=positions)
-
-
-def make_precision_probe(tr):
-  """A jitted (state, batch) -> `head_precision_metrics` of the raw params, on the draws of the
-  step that produced `state` (step key of state.step - 1, as `make_train_step` makes them)."""
-  from mmar_jax.models.mmar import mask_ratio
-  from mmar_jax.parallel import sharding
-  cfg = tr.config
-  lcfg = cfg.loss
-
-  def probe(state, batch):
-    key = jax.random.fold_in(jax.random.key(cfg.seed), state["step"] - 1)
-    ratio = mask_ratio(jax.random.fold_in(key, 0), lcfg.mask_ratio)
-    model = tr.model(state["params"])
-    prep = model.prepare(batch, jax.random.fold_in(key, 1), ratio, lcfg.caption_drop,
-                         lcfg.diffusion_batch_mul)
-    rows = head_rows(model, prep)
-    return head_precision_metrics(state["params"]["head"], tr.model_cfg.head, **rows)
-
-  jitted = jax.jit(probe, in_shardings=(tr.state_shardings, tr.batch_sharding))
-
-  def run(state, batch):
-    with jax.set_mesh(tr.mesh), sharding.use_rules(cfg.sharding_rules):
-      return jitted(state, batch)
-
-  return run

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mmar_jax.diffusion import schedule as sched_lib
-from mmar_jax.models.layers import get_dtype
+from mmar_jax.dtypes import get_dtype
 
 PREDICTIONS = ("eps", "v", "x0")
 HeadApply = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]

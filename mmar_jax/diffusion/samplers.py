@@ -191,13 +191,3 @@ def sample(head_apply: HeadApply, z, key, *, method: str = "ddpm", num_steps: in
     return ddim_step(out, x, c, noise, prediction=prediction, eta=eta, temperature=temperature)
 
   return jax.lax.fori_loop(0, num_steps, body, x)
-
-
-def ddpm_sample(head_apply: HeadApply, z, key, **kw):
-  """MAR's sampler: `sample(method='ddpm')`, 100 respaced steps by default."""
-  return sample(head_apply, z, key, method="ddpm", **kw)
-
-
-def ddim_sample(head_apply: HeadApply, z, key, **kw):
-  """`sample(method='ddim')` (eta = 0: deterministic given the initial noise)."""
-  return sample(head_apply, z, key, method="ddim", **kw)

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 NUM_TIMESTEPS = 1000
-T = NUM_TIMESTEPS  # short alias
 MAX_BETA = 0.999
 
 

@@ -23,7 +23,8 @@ import numpy as np
 from flax import nnx
 
 from mmar_jax.diffusion.parameterization import PREDICTIONS
-from mmar_jax.models.layers import (LayerNorm, Linear, get_dtype, layer_norm, normal_002, param,
+from mmar_jax.dtypes import get_dtype
+from mmar_jax.models.layers import (LayerNorm, Linear, layer_norm, normal_002, param, scan_or_unroll,
                                    zeros)
 
 FREQUENCY_DIM = 256  # size of the sinusoidal timestep features (MAR's frequency_embedding_size)
@@ -45,7 +46,6 @@ class HeadConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
 
-  SHAPE_KEYS = ("token_channels", "cond_dim", "width", "depth", "learn_sigma", "n_positions")
 
   def __post_init__(self):
     if self.prediction not in PREDICTIONS:
@@ -181,11 +181,8 @@ def forward(params: dict, cfg: HeadConfig, x: jax.Array, t: jax.Array, z: jax.Ar
   y = t_emb + _linear(params["cond_embed"], z, dtype)
   ys = jax.nn.silu(y)
   blocks = params["res_blocks"]
-  if cfg.scan_layers:
-    h, _ = jax.lax.scan(lambda h, w: (res_block(h, w, ys, dtype), None), h, blocks)
-  else:
-    for i in range(cfg.depth):
-      h = res_block(h, jax.tree.map(lambda a, i=i: a[i], blocks), ys, dtype)
+  h, _ = scan_or_unroll(lambda h, w: (res_block(h, w, ys, dtype), None), h, blocks,
+                        cfg.scan_layers)
   fl = params["final_layer"]
   shift, scale = jnp.split(_linear(fl["adaLN"], ys, dtype), 2, axis=-1)
   out = _linear(fl["linear"], modulate(layer_norm(h, None, None, LN_EPS), shift, scale), dtype)

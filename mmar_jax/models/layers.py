@@ -92,23 +92,18 @@ def rms_norm(x, scale, eps):
   return scale.astype(dtype) * y.astype(dtype)
 
 
-class RMSNorm(nnx.Module):
-
-  def __init__(self, dim: int, *, eps: float, stack: int | None = None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None):
-    self.eps = eps
-    self.scale = param(rngs, ones, (dim,), ("embed",), param_dtype, stack)
-
-  def __call__(self, x):
-    return rms_norm(x, self.scale[...], self.eps)
-
-
-def get_dtype(name) -> jnp.dtype:
-  """'bfloat16' / 'bf16' / 'float32' / 'fp32' -> dtype, with a clear error."""
-  table = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32,
-           "fp32": jnp.float32, "float16": jnp.float16, "fp16": jnp.float16}
-  if not isinstance(name, str):
-    return jnp.dtype(name)
-  if name not in table:
-    raise ValueError(f"unknown dtype {name!r}; use one of {sorted(table)}")
-  return jnp.dtype(table[name])
+def scan_or_unroll(body, carry, xs, scan: bool):
+  """Walks stacked layer weights `xs` (leading `layers` axis): `lax.scan` when `scan` (one compiled
+  body, flat compile time at depth), else an unrolled Python loop (faster on CPU, and what
+  cost_analysis counts in full). `body(carry, x) -> (carry, y)`; returns (carry, stacked ys or
+  None when every y is None)."""
+  if scan:
+    return jax.lax.scan(body, carry, xs)
+  n = jax.tree.leaves(xs)[0].shape[0]
+  ys = []
+  for i in range(n):
+    carry, y = body(carry, jax.tree.map(lambda a, i=i: a[i], xs))
+    ys.append(y)
+  if ys[0] is None:
+    return carry, None
+  return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)

@@ -11,6 +11,7 @@ Training goes in two steps so gradient accumulation can average over the global 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import chex
 import jax
@@ -19,6 +20,7 @@ import ml_collections
 from flax import nnx
 
 from mmar_jax.diffusion import parameterization, schedule
+from mmar_jax.dtypes import resolve_dtype
 from mmar_jax.models import sequence
 from mmar_jax.models.diffusion_head import DiffusionHead, HeadConfig
 from mmar_jax.models.image_tokenizer import make_image_tokenizer, sample_posterior, token_spec
@@ -51,8 +53,9 @@ class MMARConfig:
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
-  def __hash__(self):  # `image` is a dict: hash the JSON form so graphdefs can be static jit args
-    import json
+  def __hash__(self):
+    # `image` is a dict: hash the JSON form, so a graphdef holding this config is hashable and
+    # can be a static jit argument (equal models share one compiled program).
     return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
 
   @classmethod
@@ -70,13 +73,6 @@ def special_token_ids(vocab_size: int, text_vocab: int) -> tuple[int, int, int]:
   if vocab_size >= text_vocab + 2:
     return text_vocab, text_vocab + 1, vocab_size
   return vocab_size, vocab_size + 1, vocab_size + 2
-
-
-def resolve_dtype(name: str) -> str:
-  """'auto': fp32 on CPU (XLA:CPU is no faster in bf16), bf16 on accelerators."""
-  if name == "auto":
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-  return name
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer) -> MMARConfig:
@@ -153,30 +149,47 @@ class MMAR(nnx.Module):
       return mean.astype(jnp.float32)
     return jax.vmap(sample_posterior)(mean, logvar, keys).astype(jnp.float32)
 
-  def loss_sums(self, prep: dict) -> dict:
-    """Summed text cross-entropy and diffusion loss over a prepared (micro-)batch."""
-    cfg = self.cfg
+  def forward(self, prep: dict):
+    """The LLM over a prepared (micro-)batch: (final hidden states [B, S, d], token ids [B, S],
+    the layout). The one forward pass of the loss, the precision monitor and the diagnostics."""
     image_embeds = self.embed_image(prep["tokens"], prep["masked"])
     x, ids, lay = self.sequence_inputs(prep["text"], prep["text_len"], prep["kind"], image_embeds)
     hidden, _ = self.backbone(x, lay["positions"], lay["segment_ids"], lay["block_ids"])
+    return hidden, ids, lay
+
+  def head_rows(self, prep: dict, hidden: jax.Array, lay: dict) -> dict:
+    """The diffusion head's rows of a prepared batch, draw-major as MAR tiles them (row d B N + r is
+    draw d of token r = b N + n): x0, z (the LLM output at that image position, no shift,
+    method.md §1.8), t, noise, mask_weights (1 where the token is masked: the rows carrying loss),
+    and positions for a head with a learned position embedding (else None)."""
+    b, n, c = prep["tokens"].shape
+    mul = prep["t"].shape[-1]
+    z = sequence.gather_image(hidden, lay["image_pos"]).reshape(b * n, -1)
+    # Draws are stored per example [B, N, mul]; draw-major rows are (d, b, n).
+    draw_major = lambda a: jnp.moveaxis(a, 2, 0).reshape(-1, *a.shape[3:])
+    rep = lambda a: parameterization.repeat_for_draws(a, mul)
+    positions = jnp.tile(jnp.arange(n), b * mul) if self.cfg.head.n_positions else None
+    return dict(x0=rep(prep["tokens"].reshape(b * n, c)), z=rep(z), t=draw_major(prep["t"]),
+                noise=draw_major(prep["noise"]),
+                mask_weights=rep(prep["masked"].reshape(b * n).astype(jnp.float32)),
+                positions=positions)
+
+  def loss_sums(self, prep: dict) -> dict:
+    """Summed text cross-entropy and diffusion loss over a prepared (micro-)batch."""
+    cfg = self.cfg
+    hidden, ids, lay = self.forward(prep)
     targets, weights = sequence.text_targets(ids, lay["segment_ids"], cfg.boi_id)
     weights = weights * prep["text_scale"][:, None]
     logits = self.backbone.logits(hidden)
     ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
     text_sum = jnp.sum(ce * weights)
 
-    z = sequence.gather_image(hidden, lay["image_pos"])  # [B, N, d]
-    b, n, c = prep["tokens"].shape
-    positions = jnp.tile(jnp.arange(n), b) if cfg.head.n_positions else None
-    # Draws are stored per example [B, N, mul]; the loss wants draw-major rows (d * B N + r).
-    draw_major = lambda a: jnp.moveaxis(a, 2, 0).reshape(-1, *a.shape[3:])
-    rows = lambda a: constrain(a, ("batch",) + (None,) * (a.ndim - 1))  # head rows: data-parallel
+    r = self.head_rows(prep, hidden, lay)
+    batch_rows = lambda a: constrain(a, ("batch",) + (None,) * (a.ndim - 1))  # data-parallel
     image_sum, _ = parameterization.diffusion_loss(
-        lambda xt, t, zz: self.head(rows(xt), rows(t), rows(zz), None if positions is None else
-                                    jnp.tile(positions, prep["t"].shape[-1])),
-        prep["tokens"].reshape(b * n, c), z.reshape(b * n, -1), prep["masked"].reshape(b * n),
-        draw_major(prep["t"]), draw_major(prep["noise"]), prediction=cfg.head.prediction,
-        diffusion_batch_mul=prep["t"].shape[-1], expect_dtype=cfg.head.compute_dtype)
+        lambda xt, t, z: self.head(batch_rows(xt), batch_rows(t), batch_rows(z), r["positions"]),
+        r["x0"], r["z"], r["mask_weights"], r["t"], r["noise"], prediction=cfg.head.prediction,
+        expect_dtype=cfg.head.compute_dtype)
     return dict(text_sum=text_sum, image_sum=image_sum)
 
   def prepare(self, batch: dict, key: jax.Array, mask_ratio: jax.Array, caption_drop: float,
@@ -216,6 +229,14 @@ def random_mask(keys: jax.Array, n: int, ratio: jax.Array) -> jax.Array:
   num = jnp.ceil(n * ratio).astype(jnp.int32)
   rank = jax.vmap(lambda k: jnp.argsort(jax.random.permutation(k, n)))(keys)
   return rank < num
+
+
+def step_draws(seed: int, step, mask_ratio_kind: str) -> tuple[jax.Array, jax.Array]:
+  """(the key `prepare` keys every per-example draw from, the batch's mask ratio) of training step
+  `step` (design.md): the step key is fold_in(key(seed), step), the ratio comes from
+  fold_in(step key, 0) and the examples from fold_in(step key, 1)."""
+  key = jax.random.fold_in(jax.random.key(seed), step)
+  return jax.random.fold_in(key, 1), mask_ratio(jax.random.fold_in(key, 0), mask_ratio_kind)
 
 
 def mask_ratio(key: jax.Array, kind: str) -> jax.Array:

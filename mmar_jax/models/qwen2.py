@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mmar_jax.dtypes import get_dtype
 from mmar_jax.models import attention as attn
-from mmar_jax.models.layers import get_dtype, normal_002, ones, param, rms_norm, zeros
+from mmar_jax.models.layers import normal_002, ones, param, rms_norm, scan_or_unroll, zeros
 from mmar_jax.parallel.sharding import constrain
 
 
@@ -49,9 +50,6 @@ class Qwen2Config:
   @property
   def hd(self) -> int:
     return self.head_dim or self.hidden_size // self.num_heads
-
-  SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                "intermediate_size", "tie_word_embeddings")
 
   def replace(self, **kw) -> "Qwen2Config":
     return dataclasses.replace(self, **kw)
@@ -162,14 +160,7 @@ class Qwen2(nnx.Module):
       h, kv_out = layer(h, w, kv)
       return h, kv_out
 
-    if cfg.scan_layers:
-      x, kv_out = jax.lax.scan(body, x, (weights, kv_in))
-    else:
-      outs = []
-      for i in range(cfg.num_layers):
-        x, o = body(x, jax.tree.map(lambda a, i=i: a[i], (weights, kv_in)))
-        outs.append(o)
-      kv_out = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    x, kv_out = scan_or_unroll(body, x, (weights, kv_in), cfg.scan_layers)
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     new_cache = None
     if cache is not None:

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmar_jax.models.layers import get_dtype, ones, param, zeros
+from mmar_jax.dtypes import get_dtype
+from mmar_jax.models.layers import ones, param, zeros
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # LDM's DiagonalGaussianDistribution clamp
 

@@ -19,7 +19,8 @@ from flax import nnx
 
 from mmar_jax.models import attention as attn
 from mmar_jax.parallel.sharding import constrain
-from mmar_jax.models.layers import Linear, layer_norm, normal_002, ones, param, xavier, zeros
+from mmar_jax.models.layers import (Linear, layer_norm, normal_002, ones, param, scan_or_unroll,
+                                    xavier, zeros)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +75,7 @@ class EmbeddingViT(nnx.Module):
     mask = jnp.ones((h.shape[0], 1, h.shape[1], h.shape[1]), bool)
     block = functools.partial(_vit_block, heads=cfg.heads, eps=cfg.eps, mask=mask, dtype=dtype)
     weights = {k: v[...] for k, v in self.blocks.items()}
-    if cfg.scan_layers:
-      h, _ = jax.lax.scan(lambda x, w: (block(x, w), None), h, weights)
-    else:
-      for i in range(cfg.layers):
-        h = block(h, jax.tree.map(lambda a, i=i: a[i], weights))
+    h, _ = scan_or_unroll(lambda x, w: (block(x, w), None), h, weights, cfg.scan_layers)
     return layer_norm(h, self.final_scale[...], self.final_bias[...], cfg.eps)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-from mmar_jax.config import ConfigError
+from mmar_jax.errors import ConfigError
 
 OFF = ("0", "off", "false", "no")
 

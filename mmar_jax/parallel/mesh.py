@@ -12,7 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from mmar_jax.config import ConfigError, parse_mesh
+from mmar_jax.config import parse_mesh
+from mmar_jax.errors import ConfigError
 from mmar_jax.parallel.sharding import MESH_AXES
 
 

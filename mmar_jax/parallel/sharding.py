@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

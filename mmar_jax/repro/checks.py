@@ -62,7 +62,7 @@ def run_steps(config, steps: int, *, mesh: str | None = None, state=None, start:
   from mmar_jax.data.text_tokenizer import load_text_tokenizer
   from mmar_jax.models.mmar import model_config
   from mmar_jax.parallel.mesh import make_mesh
-  from mmar_jax.train.loop import make_source
+  from mmar_jax.data.sources import make_source
   from mmar_jax.train.step import build, init_state, make_train_step
 
   tokenizer = load_text_tokenizer(config.text_tokenizer)
@@ -131,7 +131,7 @@ def _run_context(workdir):
   """(config, env note, checkpoint steps, logged losses by step) of a training workdir."""
   from etils import epath
   from mmar_jax.train.checkpoint import checkpoint_steps
-  from mmar_jax.train.loop import resolve_config
+  from mmar_jax.train.workdir import resolve_config
   from mmar_jax.train.metrics import environment, read_metrics
   config = resolve_config(workdir, None, [])
   env_path = epath.Path(workdir) / "env.json"
@@ -155,15 +155,12 @@ def _run_devices(workdir):
 
 
 def _restore(workdir, config, step, mesh=None, devices=None):
-  from mmar_jax.data.text_tokenizer import load_text_tokenizer
-  from mmar_jax.models.mmar import model_config
   from mmar_jax.parallel.mesh import make_mesh
   from mmar_jax.train.checkpoint import Checkpointer
   from mmar_jax.train.step import abstract_train_state, build
-  from etils import epath
-  tokenizer = load_text_tokenizer(str(epath.Path(workdir) / "tokenizer"))
-  tr = build(config, model_config(config, tokenizer),
-             make_mesh(mesh or config.mesh, config.mesh_dcn, devices=devices))
+  from mmar_jax.train.workdir import model_setup
+  _, mcfg = model_setup(config, workdir)
+  tr = build(config, mcfg, make_mesh(mesh or config.mesh, config.mesh_dcn, devices=devices))
   ckpt = Checkpointer(workdir, read_only=True)
   try:
     state, _ = ckpt.restore(step, abstract_train_state(tr))
@@ -330,7 +327,7 @@ def check_roundtrip(*, perturb: str | None = None) -> Result:
   from flax import nnx
   from mmar_jax.convert import mar_head, mar_vae
   from mmar_jax.convert.hf import hf_to_jax, jax_to_hf, read_model_config
-  from mmar_jax.convert.params_io import load_params
+  from mmar_jax.files import load_params
   from mmar_jax.models.diffusion_head import DiffusionHead, HeadConfig
   from mmar_jax.models.vae import VAE, VAEConfig
   from mmar_jax.models.qwen2 import Qwen2, Qwen2Config
@@ -389,7 +386,8 @@ def _str_keys(tree):
 def check_numerics(*, full: bool = False, workdir=None) -> Result:
   """The bf16 checks of `diagnose numerics`: analytic factors and the precision contract (fast),
   plus trained heads' measured errors and their ordering (`full`)."""
-  from mmar_jax.diffusion import diagnose, numerics
+  from mmar_jax.commands import diagnose
+  from mmar_jax.diffusion import numerics
   result = diagnose.run_numerics(workdir=workdir if full else None, fast=not full,
                                  log=lambda *a, **k: None)
   try:

@@ -16,41 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from mmar_jax.convert.common import ConversionError
-
-
-def make_tiny_hf_checkpoint(out: str, *, vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2,
-                            num_heads: int = 4, num_kv_heads: int = 2, head_dim: int | None = None,
-                            intermediate_size: int = 128, rope_theta: float = 1e4,
-                            tie_word_embeddings: bool = False, dtype: str = "float32", seed: int = 0,
-                            init_std: float = 0.02, max_shard_size: str | None = None,
-                            rms_norm_eps: float = 1e-6) -> str:
-  """A random `Qwen2ForCausalLM` saved with `save_pretrained` (real HF layout, offline).
-
-  Biases and norm weights are randomised too (HF initialises them to 0 / 1), so a converter
-  that dropped or swapped them would show up in the logits.
-  """
-  import torch
-  from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
-  from transformers.utils import logging as hf_logging
-  hf_logging.disable_progress_bar()
-  torch.manual_seed(seed)
-  kw = dict(head_dim=head_dim) if head_dim is not None else {}
-  hc = HFConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-                num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                intermediate_size=intermediate_size, rope_theta=rope_theta, rms_norm_eps=rms_norm_eps,
-                tie_word_embeddings=tie_word_embeddings, initializer_range=init_std, **kw)
-  model = Qwen2ForCausalLM(hc).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("bias"):
-        p.normal_(0.0, init_std)
-      elif "norm" in name:
-        p.copy_(1.0 + 0.1 * torch.randn_like(p))
-  model = model.to(getattr(torch, dtype))
-  kwargs = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
-  model.save_pretrained(out, **kwargs)
-  return out
+from mmar_jax.errors import ConversionError
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,10 +118,10 @@ def check_hf_parity(hf_dir: str | None = None, *, prompt_ids: str | np.ndarray |
   `perturb` edits the converted JAX params before the JAX run (to test that the check fails).
   """
   from mmar_jax.convert import hf
-  from mmar_jax.convert.params_io import load_params
+  from mmar_jax.files import load_params
   with tempfile.TemporaryDirectory(prefix="mmar_hf_parity_") as tmp:
     if hf_dir is None:
-      hf_dir = make_tiny_hf_checkpoint(os.path.join(tmp, "hf"))
+      hf_dir = hf.make_tiny_hf_checkpoint(os.path.join(tmp, "hf"))
       log("no --hf: built a tiny random fp32 Qwen2")
     jax_dir = os.path.join(tmp, "jax")
     hf.hf_to_jax(hf_dir, jax_dir)

@@ -165,22 +165,6 @@ def split_model(model):
   return nnx.split(model)
 
 
-class StaticGraph:
-  """A graphdef as a jit static argument. MMAR's graphdef is not hashable (MMARConfig holds the
-  `image` dict), so this hashes its repr, which spells out every static value, and compares the
-  graphdefs themselves: equal models share one compiled program."""
-
-  def __init__(self, graphdef):
-    self.graphdef = graphdef
-    self._hash = hash(repr(graphdef))
-
-  def __hash__(self):
-    return self._hash
-
-  def __eq__(self, other):
-    return isinstance(other, StaticGraph) and self.graphdef == other.graphdef
-
-
 def typed_key(key) -> jax.Array:
   """A new-style key (raw uint32[2] keys are wrapped): key arrays index and reshape as scalars."""
   key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
@@ -198,7 +182,7 @@ def model_config_of(model):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
 def _generate(graphdef, state, text, text_len, key, cfg, temperature, *, plan: Plan):
-  model = nnx.merge(graphdef.graphdef, state)
+  model = nnx.merge(graphdef, state)
   mc = model.cfg
   b, lt = text.shape
   n, c = mc.num_image_tokens, mc.vit.token_channels
@@ -279,14 +263,14 @@ def generate_tokens(model, text, text_len, key, *, ar_steps: int = 64, diffusion
     guidance = float(cfg) != 1.0
   plan = Plan(ar_steps=int(ar_steps), diffusion_steps=int(diffusion_steps), sampler=sampler,
               cfg_schedule=cfg_schedule, guidance=bool(guidance))
-  return _generate(StaticGraph(graphdef), state, jnp.asarray(text, jnp.int32),
+  return _generate(graphdef, state, jnp.asarray(text, jnp.int32),
                    jnp.asarray(text_len, jnp.int32), typed_key(key), jnp.asarray(cfg, jnp.float32),
                    jnp.asarray(temperature, jnp.float32), plan=plan)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _decode(graphdef, state, tokens):
-  model = nnx.merge(graphdef.graphdef, state)
+  model = nnx.merge(graphdef, state)
   return model.image_tokenizer.tokens_to_images(tokens)
 
 
@@ -294,7 +278,7 @@ def tokens_to_images(model, tokens) -> np.ndarray:
   """Tokens [B, N, C] -> uint8 images [B, H, W, 3] through the model's image tokenizer."""
   from mmar_jax.data.preprocess import to_uint8
   graphdef, state = split_model(model)
-  return to_uint8(jax.device_get(_decode(StaticGraph(graphdef), state, tokens)))
+  return to_uint8(jax.device_get(_decode(graphdef, state, tokens)))
 
 
 def generate_images(model, tokenizer, prompts: Sequence[str | None] | None, key, *,

@@ -34,34 +34,42 @@ def greedy_decode(model, prompt_ids, max_new: int, attention_mask=None, eos_id: 
 def _greedy(graphdef, state, ids, mask, *, max_new, eos_id, pad_id):
   model = nnx.merge(graphdef, state)
   b, t = ids.shape
-  cache = model.init_cache(b, t + max_new)
   positions, segments, blocks = text_structure(mask)
+  cache = model.init_cache(b, t + max_new)
   hidden, cache = model(model.embed(ids), positions, segments, blocks, cache, 0)
-  first = jnp.argmax(model.logits(hidden[:, -1]), -1).astype(jnp.int32)
+  choose = lambda h, i: jnp.argmax(model.logits(h), -1).astype(jnp.int32)
+  return decode(model, hidden, cache, positions, blocks, choose, max_new=max_new,
+                eos_id=eos_id, pad_id=pad_id)[0]
+
+
+def decode(backbone, hidden, cache, positions, blocks, choose, *, max_new: int, eos_id, pad_id):
+  """The KV-cached decoding loop after a prefix pass over P cache slots (`hidden` [B, P, d], the
+  prefix's `positions` / `blocks` [B, P]): (ids int32 [B, max_new], backbone passes: the prefix's
+  and one per further token). `choose(h [B, d], i)` picks token i from a hidden state. Token i - 1
+  goes into cache slot P + i - 1 as a text block of its own, one position after the last; a row
+  that emitted `eos_id` (None: never) is then filled with `pad_id`, and the loop stops once every
+  row is done."""
+  b, p = positions.shape
+  first = choose(hidden[:, -1], 0)
   out = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first)
-  done = (first == eos_id) if eos_id is not None else jnp.zeros((b,), bool)
-  last_pos = positions[:, -1]
+  finished = lambda tok: (tok == eos_id) if eos_id is not None else jnp.zeros((b,), bool)
+  last_pos, last_blk = positions[:, -1:], blocks[:, -1:]
 
   def cond(carry):
-    i, _, _, _, done = carry
+    i, _, _, _, done, _ = carry
     return (i < max_new) & ~jnp.all(done)
 
   def body(carry):
-    # Feed the token produced at step i-1: it occupies cache slot t+i-1, one text block of its own.
-    i, token, cache, out, done = carry
-    pos = (last_pos + i)[:, None]
-    seg = jnp.ones((b, 1), jnp.int32)
-    blk = jnp.full((b, 1), t + i, jnp.int32)
-    hidden, cache = model(model.embed(token[:, None]), pos, seg, blk, cache, t + i - 1)
-    nxt = jnp.argmax(model.logits(hidden[:, -1]), -1).astype(jnp.int32)
-    nxt = jnp.where(done, pad_id, nxt)
+    i, token, cache, out, done, passes = carry
+    h, cache = backbone(backbone.embed(token[:, None]), last_pos + i, jnp.ones((b, 1), jnp.int32),
+                        last_blk + i, cache=cache, cache_index=p + i - 1)
+    nxt = jnp.where(done, pad_id, choose(h[:, -1], i))
     out = out.at[:, i].set(nxt)
-    if eos_id is not None:
-      done = done | (nxt == eos_id)
-    return i + 1, nxt, cache, out, done
+    return i + 1, nxt, cache, out, done | finished(nxt), passes + 1
 
-  init = (jnp.asarray(1, jnp.int32), first, cache, out, done)
-  return jax.lax.while_loop(cond, body, init)[3]
+  init = (jnp.asarray(1, jnp.int32), first, cache, out, finished(first), jnp.asarray(1, jnp.int32))
+  _, _, _, out, _, passes = jax.lax.while_loop(cond, body, init)
+  return out, passes
 
 
 # -- captioning and VQA: <boi> [img] <eoi> [question] -> text --------------------------------------
@@ -129,7 +137,7 @@ def _row_keys(key, b: int, i):
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_tokens", "sample"))
 def _caption(graphdef, state, images, question, question_len, key, top_p, eos_id, pad_id, *,
              max_tokens, sample):
-  model = nnx.merge(graphdef.graphdef, state)
+  model = nnx.merge(graphdef, state)
   mc = model.cfg
   b = images.shape[0]
   n = mc.num_image_tokens
@@ -146,27 +154,8 @@ def _caption(graphdef, state, images, question, question_len, key, top_p, eos_id
   choose = lambda h, i: select_tokens(model.backbone.logits(h),
                                       _row_keys(key, b, i) if sample else None, top_p,
                                       mc.text_vocab)
-  first = choose(hidden[:, -1], 0)
-  out = jnp.full((b, max_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-  done = first == eos_id
-  last_pos, last_blk = pos[:, -1:], blk[:, -1:]
-
-  def cond(carry):
-    i, _, _, _, done, _ = carry
-    return (i < max_tokens) & ~jnp.all(done)
-
-  def body(carry):
-    # Token i-1 goes into cache slot p + i - 1 as a text block of its own.
-    i, token, cache, out, done, passes = carry
-    h, cache = model.backbone(model.backbone.embed(token[:, None]), last_pos + i,
-                              jnp.ones((b, 1), jnp.int32), last_blk + i, cache=cache,
-                              cache_index=p + i - 1)
-    nxt = jnp.where(done, pad_id, choose(h[:, -1], i))
-    out = out.at[:, i].set(nxt)
-    return i + 1, nxt, cache, out, done | (nxt == eos_id), passes + 1
-
-  init = (jnp.asarray(1, jnp.int32), first, cache, out, done, jnp.asarray(1, jnp.int32))
-  _, _, _, out, _, passes = jax.lax.while_loop(cond, body, init)
+  out, passes = decode(model.backbone, hidden, cache, pos, blk, choose, max_new=max_tokens,
+                       eos_id=eos_id, pad_id=pad_id)
   return out, dict(backbone_passes=passes, prefix_len=jnp.asarray(p, jnp.int32))
 
 
@@ -192,13 +181,13 @@ def caption_tokens(model, images, question, question_len, key=None, *, max_token
   pass plus one per further token, counted inside the loop). images [B, H, W, 3] in [-1, 1];
   greedy when `top_p` is None, else nucleus sampling keyed per row by (key, row, token index).
   `model`: an MMAR module or (graphdef, state)."""
-  from mmar_jax.sample.image import StaticGraph, model_config_of, split_model, typed_key
+  from mmar_jax.sample.image import model_config_of, split_model, typed_key
   graphdef, state = split_model(model)
   mc = model_config_of((graphdef, state))
   sample = top_p is not None
   if sample and key is None:
     raise ValueError("top-p sampling needs a key")
-  return _caption(StaticGraph(graphdef), state, jnp.asarray(images, jnp.float32),
+  return _caption(graphdef, state, jnp.asarray(images, jnp.float32),
                   jnp.asarray(question, jnp.int32), jnp.asarray(question_len, jnp.int32),
                   typed_key(key if key is not None else jax.random.key(0)),
                   jnp.asarray(top_p if sample else 1.0, jnp.float32),

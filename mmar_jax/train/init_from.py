@@ -13,27 +13,8 @@ import os
 import jax
 import numpy as np
 
-from mmar_jax.convert.common import ConversionError
-
-
-def _flat(tree, prefix=()):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _flat(v, prefix + (k,))
-  else:
-    yield prefix, tree
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _set(tree, path, value):
-  for k in path[:-1]:
-    tree = tree[k]
-  tree[path[-1]] = value
+from mmar_jax import trees
+from mmar_jax.errors import ConversionError
 
 
 def merge_into(state: dict, module: str, loaded: dict, source: str, grow_rows=("embed_tokens",),
@@ -43,8 +24,8 @@ def merge_into(state: dict, module: str, loaded: dict, source: str, grow_rows=("
   target = state["params"][module]
   # Orbax restores list indices as strings: compare paths as strings, write with the model's keys.
   key = lambda path: tuple(map(str, path))
-  wanted = {key(p): (p, v) for p, v in _flat(target)}
-  got = {key(p): v for p, v in _flat(loaded)}
+  wanted = {key(p): (p, v) for p, v in trees.flatten(target).items()}
+  got = {key(p): v for p, v in trees.flatten(loaded).items()}
   missing = sorted(".".join(k) for k in set(wanted) - set(got))
   extra = sorted(".".join(k) for k in set(got) - set(wanted))
   if missing or extra:
@@ -58,8 +39,8 @@ def merge_into(state: dict, module: str, loaded: dict, source: str, grow_rows=("
       if grown is None:
         raise ConversionError(f"{source}: {name} has shape {new.shape}, the model needs {cur.shape}")
       new = grown
-    _set(state["params"][module], path, jax.device_put(new, cur.sharding))
-    _set(state["ema"][module], path, jax.device_put(new, cur.sharding))
+    trees.set_at(state["params"][module], path, jax.device_put(new, cur.sharding))
+    trees.set_at(state["ema"][module], path, jax.device_put(new, cur.sharding))
   return state
 
 
@@ -78,7 +59,7 @@ def _grow(path, new, cur, grow_rows, grow_cols):
 def load_backbone(path: str):
   """(Qwen2Config, params) from an `hf-to-jax` output or a HuggingFace directory."""
   from mmar_jax.convert import hf
-  from mmar_jax.convert.params_io import load_params, read_json
+  from mmar_jax.files import load_params, read_json
   from mmar_jax.models.qwen2 import Qwen2Config
   if os.path.exists(os.path.join(path, "model_config.json")):
     stored = read_json(path, "model_config.json")
@@ -106,13 +87,13 @@ def apply(config, tr, state: dict) -> dict:
                             f"the model's {mcfg.backbone.vocab_size}")
     state = merge_into(state, "backbone", params, f"init.backbone {init.backbone}")
   if init.vae:
-    from mmar_jax.convert.params_io import load_params
+    from mmar_jax.files import load_params
     if "vae" not in state["params"].get("image_tokenizer", {}):
       raise ConversionError("init.vae is set but model.image.kind is not 'vae'")
     vae = jax.device_get(load_params(init.vae))
     state = merge_into(state, "image_tokenizer", {"vae": vae}, f"init.vae {init.vae}")
   if init.head:
-    from mmar_jax.convert.params_io import load_params, read_json
+    from mmar_jax.files import load_params, read_json
     stored = read_json(init.head, "head_config.json")
     if stored.get("prediction") != mcfg.head.prediction:
       raise ConversionError(f"init.head {init.head} predicts {stored.get('prediction')!r}, the config "

@@ -1,13 +1,11 @@
-"""`mmar-jax train`: the training loop, its workdir, resuming and preemption.
+"""The training loop: its workdir, resuming and preemption (the command is commands/train.py).
 
-Resuming (design.md): the base config is WORKDIR/config.json, then `--config CFG` if given, then
-the `--config.key=value` overrides; keys that change the model's shapes must match the stored ones.
-`step` counts completed updates; checkpoints/<s>/ holds the state after s updates and the data
+Resuming: the config is resolved as train/workdir.py says. `step` counts completed updates; checkpoints/<s>/ holds the state after s updates and the data
 position (the global example index the next step starts at), so a resumed run reads the examples
 an uninterrupted one would have, on any number of processes (data/pipeline.py).
 
 Preemption: SIGTERM makes the run finish its step, save it and exit 0 (`Preemption`).
-Several processes (`jax.distributed`, joined in `cli_train` before any JAX computation) run
+Several processes (`jax.distributed`, joined by the command before any JAX computation) run
 this same program; each builds only its rows of every global batch.
 """
 
@@ -26,56 +24,9 @@ import numpy as np
 from etils import epath
 
 from mmar_jax import config as config_lib
-from mmar_jax.defaults import base_config
+from mmar_jax.train.workdir import setup
 
 log = logging.getLogger("mmar_jax.train")
-
-# Keys whose change alters parameter shapes: refused on resume.
-SHAPE_KEYS = ("model.backbone.", "model.vit.", "model.head.width", "model.head.depth",
-              "model.head.learn_sigma", "model.head.pos_embed", "model.image.size",
-              "model.image.kind", "model.image.patch_size", "model.image.vae.", "model.max_text_len",
-              "text_tokenizer")
-
-
-def resolve_config(workdir, config_spec: str | None, overrides) -> ml_collections.ConfigDict:
-  stored_path = epath.Path(workdir) / "config.json"
-  if stored_path.exists():
-    stored = json.loads(stored_path.read_text())
-    cfg = base_config()
-    cfg.update(_tuples(stored))
-    if config_spec:
-      given = config_lib.load_file(config_spec)
-      _check_shapes(config_lib.to_dict(cfg), config_lib.to_dict(given), f"{config_spec}")
-      cfg = given
-  elif config_spec:
-    cfg = config_lib.load_file(config_spec)
-  else:
-    raise config_lib.ConfigError(f"{workdir} has no config.json: pass --config")
-  before = config_lib.to_dict(cfg)
-  config_lib.apply_overrides(cfg, overrides)
-  if stored_path.exists():
-    _check_shapes(before, config_lib.to_dict(cfg), "--config overrides")
-  return cfg
-
-
-def _tuples(d):
-  """JSON lists back to tuples (ConfigDict fields declared as tuples refuse lists)."""
-  if isinstance(d, dict):
-    return {k: _tuples(v) for k, v in d.items()}
-  if isinstance(d, list):
-    return tuple(_tuples(v) for v in d)
-  return d
-
-
-def _check_shapes(old: dict, new: dict, what: str):
-  a, b = config_lib.flatten(old), config_lib.flatten(new)
-  differ = sorted(k for k in set(a) | set(b)
-                  if any(k.startswith(p) or k == p for p in SHAPE_KEYS) and a.get(k) != b.get(k))
-  if differ:
-    raise config_lib.ConfigError(
-        f"{what} changes keys that set the model's shapes, which must match the stored run: "
-        + ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in differ))
-
 
 class Preemption:
   """SIGTERM (a preemption notice) sets a flag checked every step; with several processes all
@@ -108,25 +59,6 @@ class Preemption:
     return self.flag
 
 
-def setup(config, workdir):
-  """Tokenizer, model config, mesh and trainer for a run (shared by train, eval and sampling)."""
-  from mmar_jax.data.text_tokenizer import load_text_tokenizer
-  from mmar_jax.models.mmar import model_config
-  from mmar_jax.parallel.mesh import make_mesh
-  from mmar_jax.train.step import build
-  tok_dir = epath.Path(workdir) / "tokenizer"
-  tokenizer = load_text_tokenizer(str(tok_dir) if tok_dir.exists() else config.text_tokenizer)
-  mcfg = model_config(config, tokenizer)
-  mesh = make_mesh(config.mesh, config.mesh_dcn)
-  return tokenizer, mcfg, build(config, mcfg, mesh)
-
-
-def make_source(config, split: str = "train"):
-  """The record source `data.source` names (data/sources.py)."""
-  from mmar_jax.data.sources import make_source as make
-  return make(config, split=split)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None,
           progress: bool = True) -> dict:
   """Trains until `config.steps` (or `stop_at`); returns the final state. Resumes from the latest
@@ -140,6 +72,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
 
 def _train(config, workdir, preempt, stop_at, progress):
   from mmar_jax.data.pipeline import local_rows, make_batcher, to_global
+  from mmar_jax.data.sources import make_source
   from mmar_jax.parallel import distributed
   from mmar_jax.train import flops as flops_lib
   from mmar_jax.train.checkpoint import Checkpointer
@@ -184,8 +117,8 @@ def _train(config, workdir, preempt, stop_at, progress):
   put = lambda local: to_global(local, tr.batch_sharding, batch_size)
   step_fn = make_train_step(tr)
   probe, every = None, int(config.train.precision_every)
-  if every > 0:  # the head's bf16-vs-fp32 error by timestep bucket (diffusion/numerics.py)
-    from mmar_jax.diffusion.numerics import make_precision_probe
+  if every > 0:  # the head's bf16-vs-fp32 error by timestep bucket (train/precision.py)
+    from mmar_jax.train.precision import make_precision_probe
     probe = make_precision_probe(tr)
   writer = MetricsWriter(wd)
   flops_per_step = flops_lib.train_step_flops(mcfg, config)
@@ -278,28 +211,3 @@ def load_pretrained(config, tr, state):
   """`init.backbone` / `init.vae` / `init.head` into the freshly initialised state."""
   from mmar_jax.train import init_from
   return init_from.apply(config, tr, state)
-
-
-def cli_train(args) -> int:
-  from mmar_jax.parallel import distributed
-  # Before any JAX computation: a multi-process run joins here (flags, else the environment).
-  distributed.maybe_initialize(distributed.with_flags(
-      getattr(args, "coordinator", None), getattr(args, "num_processes", None),
-      getattr(args, "process_id", None)))
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
-  for noisy in ("absl", "orbax", "jax._src"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  config = resolve_config(args.workdir, args.config, args.config_overrides)
-  train(config, args.workdir)
-  if config.eval.at_end and jax.process_index() == 0 and not _evaluated(args.workdir, config.steps):
-    from mmar_jax.evaluate import evaluate, print_report
-    print("evaluating the EMA weights on the held-out combinations ...", flush=True)
-    print_report(evaluate(config, args.workdir), args.workdir)
-  return 0
-
-
-def _evaluated(workdir, step: int) -> bool:
-  """Whether eval/report.json already describes the final step (a finished run re-launched)."""
-  path = epath.Path(workdir) / "eval" / "report.json"
-  return path.exists() and json.loads(path.read_text()).get("step") == step
-

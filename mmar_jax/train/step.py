@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mmar_jax.models.mmar import MMAR, MMARConfig, combine, mask_ratio
+from mmar_jax.models.mmar import MMAR, MMARConfig, combine, step_draws
 from mmar_jax.parallel import sharding
 from mmar_jax.train import optimizer as opt
 
@@ -104,11 +104,10 @@ def make_train_step(tr: Trainer):
 
   def step_fn(state, batch):
     step = state["step"]
-    key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-    ratio = mask_ratio(jax.random.fold_in(key, 0), lcfg.mask_ratio)
+    key, ratio = step_draws(cfg.seed, step, lcfg.mask_ratio)
     model = tr.model(state["params"])
-    prep = model.prepare(batch, jax.random.fold_in(key, 1), ratio, lcfg.caption_drop,
-                         lcfg.diffusion_batch_mul, lcfg.t2i_text_weight)
+    prep = model.prepare(batch, key, ratio, lcfg.caption_drop, lcfg.diffusion_batch_mul,
+                         lcfg.t2i_text_weight)
     counts = {k: prep.pop(k) for k in ("text_count", "image_count")}
 
     def micro_loss(params, micro):

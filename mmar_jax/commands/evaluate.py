@@ -37,22 +37,19 @@ def chance(spec: shapes.ShapesSpec) -> dict:
   return dict(colour=1 / c, shape=1 / s, position=1 / p, all_three=1 / (c * s * p))
 
 
-def evaluate(config, workdir, *, step: int | None = None, params: str = "ema", seed: int = 0,
-             sampling: dict | None = None) -> dict:
+def evaluate(workdir, *, step: int | None = None, params: str = "ema", seed: int = 0,
+             sampling: dict | None = None, overrides=()) -> dict:
+  from mmar_jax.run import Run
   from mmar_jax.sample.image import generate_images
   from mmar_jax.sample.text import caption_images
-  from mmar_jax.train.checkpoint import restore_params
-  from mmar_jax.train.loop import setup
 
+  t0 = time.perf_counter()
+  run = Run(workdir, overrides)
+  config, tokenizer, mcfg = run.config, run.tokenizer, run.model_cfg
   if config.data.source != "demo":
     raise ValueError(f"eval measures the built-in demo data; this run trains on {config.data.source!r}")
-  t0 = time.perf_counter()
-  tokenizer, mcfg, tr = setup(config, workdir)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          jax.eval_shape(lambda: tr.abstract_state.to_pure_dict()),
-                          tr.state_shardings["params"])
-  weights, step = restore_params(workdir, step, params, abstract)
-  model = tr.model(jax.device_get(weights))
+  weights, step = run.params(step, params)
+  model = run.model(jax.device_get(weights))
   spec = shapes.ShapesSpec(image_size=config.model.image.size, seed=config.seed)
   held = [spec.names(c) for c in spec.heldout_combinations()]
   sampling = dict(dict(ar_steps=config.eval.ar_steps, diffusion_steps=config.eval.diffusion_steps,
@@ -150,12 +147,8 @@ def print_report(report: dict, workdir) -> None:
 
 
 def cli_eval(args) -> int:
-  from mmar_jax.train.loop import resolve_config
   logging.basicConfig(level=logging.INFO, format="%(message)s")
-  wd = epath.Path(args.workdir)
-  if not (wd / "config.json").exists():
-    raise FileNotFoundError(f"{args.workdir} is not a training workdir (no config.json)")
-  config = resolve_config(args.workdir, None, args.config_overrides)
-  report = evaluate(config, args.workdir, step=args.step, params=args.params)
+  report = evaluate(args.workdir, step=args.step, params=args.params,
+                    overrides=args.config_overrides)
   print_report(report, args.workdir)
   return 0

@@ -39,7 +39,9 @@ from typing import Callable
 import numpy as np
 from etils import epath
 
-from mmar_jax.convert.common import ConversionError, atomic_output
+from mmar_jax import trees
+from mmar_jax.errors import ConversionError
+from mmar_jax.files import atomic_output
 
 SAFETENSORS_CONFIG = "mmar_config.json"
 FORMAT = "mmar_jax.safetensors/1"
@@ -48,50 +50,13 @@ FORMAT = "mmar_jax.safetensors/1"
 # -- a workdir's params -----------------------------------------------------------------------------
 
 
-def workdir_model_config(workdir: str):
-  """(MMARConfig, training config) as the run stored them."""
-  from mmar_jax.models.mmar import MMARConfig
-  wd = epath.Path(workdir)
-  if not (wd / "config.json").exists():
-    raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json)")
-  from mmar_jax.train.loop import resolve_config
-  config = resolve_config(workdir, None, [])
-  stored = wd / "model_config.json"
-  if stored.exists():
-    return MMARConfig.from_dict(json.loads(stored.read_text())), config
-  from mmar_jax.data.text_tokenizer import load_text_tokenizer
-  from mmar_jax.models.mmar import model_config
-  tok = wd / "tokenizer"
-  return model_config(config, load_text_tokenizer(str(tok) if tok.exists() else config.text_tokenizer)), config
-
-
-def abstract_params(mcfg) -> dict:
-  """The model's params as ShapeDtypeStructs on this host's first device (nothing allocated)."""
-  import jax
-  from flax import nnx
-
-  from mmar_jax.models.mmar import MMAR
-  shapes = nnx.split(nnx.eval_shape(lambda: MMAR(mcfg, rngs=nnx.Rngs(0))))[1].to_pure_dict()
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
-
-
 def workdir_params(workdir: str, step: int | None = None, which: str = "ema",
                    module: str | None = None) -> tuple[dict, object, int]:
   """(params as host numpy arrays, MMARConfig, step): the whole model, or one top-level module."""
-  import jax
-
-  from mmar_jax.train.checkpoint import restore_params
-  mcfg, _ = workdir_model_config(workdir)
-  target = abstract_params(mcfg)
-  if module is not None:
-    if module not in target or not jax.tree.leaves(target[module]):
-      raise ConversionError(f"the model in {workdir} has no {module!r} parameters "
-                            f"(modules: {sorted(k for k in target if jax.tree.leaves(target[k]))})")
-    target = {module: target[module]}
-  params, step = restore_params(workdir, step, which, target)
-  params = jax.tree.map(np.asarray, params)
-  return (params[module] if module is not None else params), mcfg, step
+  from mmar_jax.run import Run
+  run = Run(workdir)
+  params, step = run.params(step, which, module=module, on_host=True)
+  return params, run.model_cfg, step
 
 
 def _say(msg: str):
@@ -181,7 +146,7 @@ def workdir_vae_tensors(workdir, step=None, which="ema") -> tuple[dict, int]:
 def _vae_fields(mcfg) -> dict:
   fields = dict(mcfg.image.get("vae") or {})
   if mcfg.image.get("path"):
-    from mmar_jax.convert.params_io import read_json
+    from mmar_jax.files import read_json
     fields = dict(read_json(mcfg.image["path"], "vae_config.json"), **fields)
   return fields
 
@@ -190,11 +155,11 @@ def cli_jax_to_mar_vae(args) -> int:
   if not getattr(args, "workdir", None):
     from mmar_jax.convert import mar_vae
     return mar_vae.cli_jax_to_mar_vae(args)
-  from safetensors.numpy import save_file
+  from mmar_jax.convert import safetensors_io
   _safetensors_out(args.out)
   tensors, step = workdir_vae_tensors(args.workdir, args.step, args.params)
   with atomic_output(args.out, overwrite=args.overwrite, is_dir=False) as tmp:
-    save_file(tensors, tmp, metadata={"format": "pt"})
+    safetensors_io.save_file(tmp, tensors, {"format": "pt"})
   _say(f"jax-to-mar-vae: {len(tensors)} tensors of step {step} -> {args.out}")
   return 0
 
@@ -210,8 +175,9 @@ def cli_jax_to_mar_head(args) -> int:
     from mmar_jax.convert import mar_head
     return mar_head.cli_jax_to_mar_head(args)
   from mmar_jax.convert import safetensors_io
+  from mmar_jax.run import Run
   _safetensors_out(args.out)
-  mcfg, _ = workdir_model_config(args.workdir)
+  mcfg = Run(args.workdir).model_cfg
   if mcfg.head.prediction != "eps" and not args.force:
     raise ConversionError(
         f"this head predicts {mcfg.head.prediction!r}; MAR's sampler reads a head's output as eps, "
@@ -246,7 +212,7 @@ def generic_tensors(tree: dict, prefix: str, stacked=("blocks",)) -> dict[str, C
     for key, value in node.items():
       if isinstance(value, dict):
         if key in stacked and layer is None:
-          depth = len(next(iter(_leaves(value))))
+          depth = len(next(trees.leaves(value)))
           for i in range(depth):
             walk(value, path + (f"{key}.{i}",), i)
         else:
@@ -260,14 +226,6 @@ def generic_tensors(tree: dict, prefix: str, stacked=("blocks",)) -> dict[str, C
   return out
 
 
-def _leaves(tree):
-  for v in tree.values():
-    if isinstance(v, dict):
-      yield from _leaves(v)
-    else:
-      yield v
-
-
 def whole_model_tensors(params: dict, mcfg) -> dict[str, Callable]:
   """{name: producer of a numpy array}, in a fixed order, for every parameter of the model."""
   from mmar_jax.convert import hf
@@ -278,7 +236,7 @@ def whole_model_tensors(params: dict, mcfg) -> dict[str, Callable]:
   backbone = params["backbone"]
   for slot in hf.hf_layout(mcfg.backbone):
     def produce(slot=slot):
-      a = _at(backbone, slot.key)
+      a = np.asarray(trees.at(backbone, slot.key))
       a = a if slot.layer is None else a[slot.layer]
       return a.T if slot.transpose else a
     out[f"backbone.{slot.hf_name}"] = produce
@@ -290,32 +248,18 @@ def whole_model_tensors(params: dict, mcfg) -> dict[str, Callable]:
     vae = jax_to_mar_vae(VAEConfig.from_dict(_vae_fields(mcfg)), params["image_tokenizer"]["vae"])
     for name, a in vae.items():
       out[f"vae.{name}"] = lambda a=a: a
-  counted = sum(int(np.prod(np.shape(x))) for x in _all_leaves(params))
+  counted = sum(int(np.prod(np.shape(x))) for x in trees.leaves(params))
   written = sum(int(np.prod(f().shape)) for f in out.values())
   if counted != written:  # every parameter exported exactly once
     raise ConversionError(f"export covers {written} of the model's {counted} parameters")
   return out
 
 
-def _all_leaves(tree):
-  if isinstance(tree, dict):
-    for v in tree.values():
-      yield from _all_leaves(v)
-  else:
-    yield tree
-
-
-def _at(tree, path):
-  for p in path:
-    tree = tree[p]
-  return np.asarray(tree)
-
-
 def workdir_to_safetensors(workdir: str, out: str, *, step=None, which="ema", dtype=None,
                            max_shard_size="5GB", overwrite=False) -> tuple[list[str], int]:
   from mmar_jax.convert import safetensors_io as sio
   from mmar_jax.convert.hf import _CLI_DTYPES
-  from mmar_jax.models.layers import get_dtype
+  from mmar_jax.dtypes import get_dtype
   if os.path.exists(out) and not overwrite:
     raise ConversionError(f"output {os.path.abspath(out)} exists; pass --overwrite to replace it")
   params, mcfg, step = workdir_params(workdir, step, which)

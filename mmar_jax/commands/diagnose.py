@@ -51,6 +51,8 @@ import numpy as np
 from etils import epath
 
 from mmar_jax.diffusion import numerics as nm
+from mmar_jax.files import write_bytes_atomic
+from mmar_jax.models import head_precision as hp
 from mmar_jax.diffusion import parameterization as par
 
 OUTPUTS = ("numerics.json", "numerics_meta.json", "numerics.png")
@@ -171,26 +173,23 @@ def run_pool(workdir, step=None, which="ema", n_tokens=nm.MIN_TOKENS, max_batche
   masked tokens of its training batches with the conditions the run's own LLM gives them (mask
   ratio drawn as in training, no caption drop). Params are read onto one device, as `eval` does."""
   from mmar_jax.data.pipeline import global_batch, make_batcher
-  from mmar_jax.models.mmar import mask_ratio
-  from mmar_jax.train.checkpoint import restore_params
-  from mmar_jax.train.loop import make_source, resolve_config, setup
-  config = resolve_config(workdir, None, list(overrides))
-  tokenizer, mcfg, tr = setup(config, workdir)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          jax.eval_shape(lambda: tr.abstract_state.to_pure_dict()),
-                          tr.state_shardings["params"])
-  params, step = restore_params(workdir, step, which, abstract)
+  from mmar_jax.data.sources import make_source
+  from mmar_jax.models.mmar import step_draws
+  from mmar_jax.run import Run
+  run = Run(workdir, overrides)
+  config, mcfg, tr = run.config, run.model_cfg, run.trainer
+  params, step = run.params(step, which)
   params = jax.device_get(params)
   log(f"  restored {which} params of step {step} from {workdir}")
-  batcher = make_batcher(config, make_source(config), tokenizer, mcfg.max_text_len)
+  batcher = make_batcher(config, make_source(config), run.tokenizer, mcfg.max_text_len)
 
   @jax.jit
   def rows_of(params, batch, i):
-    key = jax.random.fold_in(jax.random.key(EVAL_SEED), i)
+    key, ratio = step_draws(EVAL_SEED, i, config.loss.mask_ratio)
     model = tr.model(params)
-    ratio = mask_ratio(jax.random.fold_in(key, 0), config.loss.mask_ratio)
-    prep = model.prepare(batch, jax.random.fold_in(key, 1), ratio, 0.0, 1)
-    return nm.head_rows(model, prep)
+    prep = model.prepare(batch, key, ratio, 0.0, 1)
+    hidden, _, lay = model.forward(prep)
+    return model.head_rows(prep, hidden, lay)
 
   got, count = [], 0
   for i in range(max_batches):
@@ -228,7 +227,7 @@ def run_numerics(workdir=None, fast: bool = False, out=None, *, step=None, param
   t0 = time.perf_counter()
   head_cfg = run_head_cfg(workdir) if workdir else setup.head_cfg("v")
   result = {p: {"amplification": nm.amplification(p).tolist(), "buckets": None,
-                "precision": nm.precision_summary(head_cfg.replace(prediction=p))}
+                "precision": hp.precision_summary(head_cfg.replace(prediction=p))}
             for p in par.PREDICTIONS}
   meta = dict(mode="fast" if fast else ("workdir" if workdir else "demo"),
               tokens_per_bucket=n_tokens,
@@ -264,7 +263,7 @@ def _measure_demo(result, meta, setup, n_tokens, log):
     meta["demo"]["train_loss"][p] = loss
     meta["demo"]["train_s"][p] = round(time.perf_counter() - t1, 1)
     log(f"measuring the {p} head, bf16 vs fp32 ({n_tokens} tokens per bucket)")
-    result[p]["buckets"] = nm.measure_head(params, setup.head_cfg(p), x0_pool, z_pool, key,
+    result[p]["buckets"] = hp.measure_head(params, setup.head_cfg(p), x0_pool, z_pool, key,
                                            n_tokens)
   meta["measure_s"] = round(time.perf_counter() - t0, 1)
 
@@ -277,29 +276,22 @@ def _measure_run(result, meta, workdir, step, which, n_tokens, overrides, log):
   meta["run"] = dict(info, prediction=head_cfg.prediction)
   log(f"measuring the run's {head_cfg.prediction} head, bf16 vs fp32 ({n_tokens} tokens per "
       "bucket)")
-  result[head_cfg.prediction]["buckets"] = nm.measure_head(
+  result[head_cfg.prediction]["buckets"] = hp.measure_head(
       head_params, head_cfg, x0, z, jax.random.key(EVAL_SEED), n_tokens, positions)
   meta["measure_s"] = round(time.perf_counter() - t0, 1)
 
 
 # -- outputs ---------------------------------------------------------------------------------------
 
-def _write_atomic(path: epath.Path, data: bytes):
-  """A temporary file renamed onto `path`: an interrupted run never leaves half a file."""
-  tmp = path.parent / f".{path.name}.tmp"
-  tmp.write_bytes(data)
-  tmp.replace(path)
-
-
 def write_outputs(result: dict, out):
   out = epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   body = {p: result[p] for p in par.PREDICTIONS}
-  _write_atomic(out / "numerics.json", (json.dumps(body, indent=1) + "\n").encode())
+  write_bytes_atomic(out / "numerics.json", (json.dumps(body, indent=1) + "\n").encode())
   meta = result.get("meta", {})
-  _write_atomic(out / "numerics_meta.json",
+  write_bytes_atomic(out / "numerics_meta.json",
                 (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-  _write_atomic(out / "numerics.png", plot_png(result))
+  write_bytes_atomic(out / "numerics.png", plot_png(result))
 
 
 def _fmt(x, se=None) -> str:
@@ -384,7 +376,7 @@ def _plot_measured(ax, buckets, colour, label):
 
 def cli_numerics(args) -> int:
   """Exit 0 when every check passes, 1 when one fails (the outputs are written either way)."""
-  from mmar_jax.config import ConfigError
+  from mmar_jax.errors import ConfigError
   if args.config_overrides and not args.workdir:
     raise ConfigError("--config.* / --mesh overrides apply to a --workdir run only")
   result = run_numerics(args.workdir, args.fast, args.out, step=args.step, params=args.params,

@@ -7,7 +7,6 @@ on the run's mesh (the config's `mesh`), as training does.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 
@@ -43,39 +42,12 @@ def _checkpoint_args(p):
   p.add_argument("--params", default="ema", choices=("ema", "raw"))
 
 
-class Loaded:
-  """A workdir's model, ready for sampling: tokenizer, MMARConfig, (graphdef, params), step."""
-
-  def __init__(self, workdir, step=None, which="ema", overrides=()):
-    import logging
-
-    from etils import epath
-
-    from mmar_jax.train.checkpoint import restore_params
-    from mmar_jax.train.loop import resolve_config, setup
-    from mmar_jax.train.step import abstract_train_state
-    wd = epath.Path(workdir)
-    if not wd.is_dir():
-      raise FileNotFoundError(f"workdir not found: {workdir}")
-    if not (wd / "config.json").exists():
-      raise FileNotFoundError(f"{wd / 'config.json'} not found: is {workdir} a training workdir?")
-    # Orbax reports through absl at WARNING that a read-only restore is read-only: not news.
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    self.config = resolve_config(workdir, None, list(overrides))
-    self.tokenizer, self.model_cfg, self.trainer = setup(self.config, workdir)
-    abstract = abstract_train_state(self.trainer)["params"]
-    self.params, self.step = restore_params(workdir, step, which, abstract)
-    self.model = (self.trainer.graphdef, self.params)
-
-  def context(self):
-    """The run's mesh and sharding rules, under which activations are constrained as in training."""
-    import jax
-
-    from mmar_jax.parallel import sharding
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(self.trainer.mesh))
-    stack.enter_context(sharding.use_rules(self.config.sharding_rules))
-    return stack
+def _open(args):
+  """(Run, (graphdef, params), step) of the workdir the arguments name."""
+  from mmar_jax.run import Run
+  run = Run(args.workdir, args.config_overrides)
+  params, step = run.params(args.step, args.params)
+  return run, (run.trainer.graphdef, params), step
 
 
 def cli_generate(args) -> int:
@@ -87,15 +59,15 @@ def cli_generate(args) -> int:
     print(f"mmar-jax: error: --num must be >= 1, got {args.num}", file=sys.stderr)
     return 2
   sio.check_writable(sio.sample_paths(args.out, args.num), args.overwrite)
-  run = Loaded(args.workdir, args.step, args.params, args.config_overrides)
+  run, model, step = _open(args)
   prompts = [args.prompt] * args.num if args.prompt else None
-  print(f"generating {args.num} image(s) from step {run.step} ({args.params} weights), "
+  print(f"generating {args.num} image(s) from step {step} ({args.params} weights), "
         f"{args.ar_steps} AR steps x {args.diffusion_steps} {args.sampler} steps ...",
         file=sys.stderr, flush=True)
   t0 = time.perf_counter()
   with run.context():
     images = gen.generate_images(
-        run.model, run.tokenizer, prompts, jax.random.key(args.seed), num=args.num,
+        model, run.tokenizer, prompts, jax.random.key(args.seed), num=args.num,
         ar_steps=args.ar_steps, diffusion_steps=args.diffusion_steps, sampler=args.sampler,
         cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature)
   paths = sio.save_samples(args.out, images, overwrite=args.overwrite)
@@ -112,14 +84,14 @@ def cli_caption(args) -> int:
   from mmar_jax.sample import text as txt
   if not epath.Path(args.image).exists():  # before the (slow) model load
     raise FileNotFoundError(f"image not found: {args.image}")
-  run = Loaded(args.workdir, args.step, args.params, args.config_overrides)
+  run, model, _ = _open(args)
   try:
     image = sio.load_image(args.image, run.model_cfg.image["size"])
   except ValueError as e:  # an unreadable picture: a bad input, not a crash
     print(f"mmar-jax: error: {e}", file=sys.stderr)
     return 2
   with run.context():
-    texts = txt.caption_images(run.model, image[None], run.tokenizer, jax.random.key(args.seed),
+    texts = txt.caption_images(model, image[None], run.tokenizer, jax.random.key(args.seed),
                                max_tokens=args.max_tokens, top_p=args.top_p,
                                question=args.question)
   print(texts[0], flush=True)

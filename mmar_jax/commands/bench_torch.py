@@ -159,21 +159,6 @@ def _modules():
   return EmbeddingViT, DiffusionHead
 
 
-def _lr_multiplier(train_cfg, total_steps: int):
-  """The JAX schedule's multiplier: linear warm-up from 1/warm, then constant or cosine to 0."""
-  warm = max(int(train_cfg.warmup_steps), 0)
-
-  def mult(step: int) -> float:
-    if step < warm:
-      return (1.0 / warm) + (1.0 - 1.0 / warm) * step / warm
-    if train_cfg.schedule == "cosine":
-      frac = min((step - warm) / max(total_steps - warm, 1), 1.0)
-      return 0.5 * (1 + math.cos(math.pi * frac))
-    return 1.0
-
-  return mult
-
-
 def bench_torch_train(config, steps: int = 10, warmup: int = 3, compile: bool = False,
                       threads: int | None = None) -> dict:
   """One JSON-able dict with `bench train`'s keys; `threads` defaults to every CPU core."""
@@ -182,11 +167,12 @@ def bench_torch_train(config, steps: int = 10, warmup: int = 3, compile: bool = 
   import transformers
   from transformers import Qwen2Config as HFQwen2Config, Qwen2ForCausalLM
 
-  from mmar_jax.bench import synthetic_batch
+  from mmar_jax.commands.bench import synthetic_batch
   from mmar_jax.data.text_tokenizer import load_text_tokenizer
   from mmar_jax.diffusion import schedule as sched_lib
   from mmar_jax.models.mmar import model_config
   from mmar_jax.train import flops as flops_lib
+  from mmar_jax.train.optimizer import schedule
 
   config = config.copy_and_resolve_references()
   config.model.compute_dtype = "float32"  # the reference runs fp32 (as the JAX bench on CPU)
@@ -231,7 +217,8 @@ def bench_torch_train(config, steps: int = 10, warmup: int = 3, compile: bool = 
     opt = torch.optim.AdamW(groups, fused=True, **opt_kw)
   except (RuntimeError, TypeError):
     opt = torch.optim.AdamW(groups, foreach=True, **opt_kw)
-  sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_multiplier(tr, int(config.steps)))
+  jax_sched = schedule(tr, int(config.steps))  # the JAX step's multiplier, evaluated per step
+  sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: float(jax_sched(step)))
 
   # The bench's batch, prefetched once: kind 0, full-length captions, random image latents.
   batch = synthetic_batch(mcfg, config)

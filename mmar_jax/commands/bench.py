@@ -143,8 +143,8 @@ def bench_convert(config, steps: int = 1) -> dict:
   import shutil
   import tempfile
   from mmar_jax.convert import hf
-  from mmar_jax.convert.params_io import load_params
-  from mmar_jax.repro.hf_parity import make_tiny_hf_checkpoint
+  from mmar_jax.files import load_params
+  from mmar_jax.convert.hf import make_tiny_hf_checkpoint
   b = config.model.backbone
   tmp = tempfile.mkdtemp()
   try:
