@@ -37,6 +37,10 @@ def get_config(arg=None):
   c.loss.diffusion_batch_mul = 4
   c.loss.mask_ratio = "stage1"
   c.loss.caption_drop = 0.0
+  c.data.mix = "1,0,0"  # the synthetic batch is all [text][img]: every sample is a generation one
+  # The LM head on text targets only (loss.text_rows default); at vocab 4096 an untiled
+  # cross-entropy measured faster on CPU (0.53 vs 0.60 s/step with one tile).
+  c.loss.vocab_tiles = 0
   c.train.batch_size = 8
   c.train.ema_decay = 0.0  # "no EMA": the EMA tree is still carried, at decay 0 it is a copy
   c.train.warmup_steps = 0
@@ -49,6 +53,7 @@ def get_config(arg=None):
     c.model.vit.width, c.model.vit.layers, c.model.vit.heads = 768, 12, 12
     c.model.head.width, c.model.head.depth = 1024, 6
     c.train.batch_size = 32
+    c.loss.vocab_tiles = 8  # 151,936 rows: tiled, so no [rows, vocab] fp32 array exists
   elif arg not in (None, ""):
     raise ValueError(f"unknown bench variant {arg!r}; use qwen2_0_5b")
   return c

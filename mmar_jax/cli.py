@@ -141,6 +141,8 @@ def _bench_torch_args(p):
   _bench_args(p)
   p.add_argument("--compile", action="store_true", help="wrap forward + loss in torch.compile")
   p.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU core)")
+  p.add_argument("--gather", action="store_true",
+                 help="the LM head on the text-target positions only (as the JAX step)")
 
 
 BENCH = {

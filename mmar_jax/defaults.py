@@ -76,6 +76,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.caption_drop = 0.1
   c.loss.t2i_text_weight = 1.0  # weight of the caption tokens of [text][img] samples in L_txt
   c.loss.mask_ratio = "stage1"  # stage1: truncnorm on [0.7, 1]; stage2: uniform on [0, 1]
+  # Compute only where the loss is (the same losses and gradients as "all", the reference):
+  # targets: the LM head on each sample's text-target positions only (max_text_len + 1 rows);
+  c.loss.text_rows = "targets"  # targets | all
+  # the cross-entropy walks the vocabulary in this many tiles (0: one [rows, vocab] logits array);
+  c.loss.vocab_tiles = 8
+  # generation: the diffusion head on the rows of [text][img] and [img] samples only (their count
+  # per batch is fixed by data.mix, data/pipeline.py), not on understanding samples.
+  c.loss.head_rows = "generation"  # generation | all
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 8  # global

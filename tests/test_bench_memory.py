@@ -50,8 +50,9 @@ def test_state_bytes_are_per_device(cpu_devices):
 
 def test_analytic_activations_follow_remat_and_batch(cpu_devices):
   cfg, mcfg, tr, _ = _trainer("1,8,1")
-  base = memory.activation_bytes(mcfg, cfg, tr.mesh)
   cfg = cfg.copy_and_resolve_references()
+  cfg.loss.head_rows = "all"  # the generation share of 8 and 16 samples rounds differently
+  base = memory.activation_bytes(mcfg, cfg, tr.mesh)
   cfg.train.batch_size *= 2
   doubled = memory.activation_bytes(mcfg, cfg, tr.mesh)["total"]
   assert doubled == pytest.approx(2 * base["total"], rel=1e-6)

@@ -77,6 +77,14 @@ def test_nonfinite_step_is_skipped_and_training_continues(tiny_mcfg, demo_batche
   assert int(m["skipped_steps"]) == 1 and np.isfinite(float(m["loss"]))
   changed = jax.tree.map(lambda a, b: bool((np.asarray(a) != b).any()), state["params"]["head"], before["head"])
   assert any(jax.tree.leaves(changed))
+  # A batch with more generation samples than the head's static rows (loss.head_rows) is not
+  # applied either, and says how many did not fit.
+  before = jax.tree.map(np.asarray, state["params"])
+  crowded = demo_batcher.local_batch(3)
+  crowded["kind"][:] = 0
+  state, m = step(state, jax.device_put(crowded, tr.batch_sharding))
+  assert int(m["head_rows_dropped"]) == 3 and int(m["skipped_steps"]) == 2  # 8 of capacity 5
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, state["params"]))
 
 
 def test_analytic_flops_match_cost_analysis(bytes_tokenizer, demo_batcher):
@@ -84,7 +92,8 @@ def test_analytic_flops_match_cost_analysis(bytes_tokenizer, demo_batcher):
   matmuls; XLA also counts elementwise work (norms, softmax, activations, Adam), so it is higher by
   a few percent; the window below is what that accounts for at these tiny widths."""
   from mmar_jax.models.mmar import model_config
-  config = tiny_config(("model.scan_layers", "false"))
+  # One vocabulary tile: the tiled cross-entropy's scan then runs its body once, as counted.
+  config = tiny_config(("model.scan_layers", "false"), ("loss.vocab_tiles", "1"))
   mcfg = model_config(config, bytes_tokenizer)
   tr = build(config, mcfg, make_mesh("1,1,1", devices=jax.devices()[:1]))
   step = make_train_step(tr)

@@ -1,8 +1,9 @@
 """`mmar-jax bench train|generate|caption|convert`: one JSON line of throughput numbers.
 
 Timings are medians over timed steps after warm-up; `compile_s` is the ahead-of-time compile of
-the measured program; `mfu` is the analytic FLOP count (train/flops.py) over the device's dense
-bf16 peak (null where unknown, e.g. CPU, unless `--config.peak_flops` is given).
+the measured program; `mfu` is the analytic FLOP count of the step as computed (train/flops.py;
+`full_flops_per_step`: the same step with the LM head and the diffusion head on every position and
+row) over the device's dense bf16 peak (null where unknown, e.g. CPU, unless `--config.peak_flops` is given).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import numpy as np
 
 
 def synthetic_batch(mcfg, config, seed: int = 0) -> dict:
-  """`[text][img]` samples with a full-length caption and random image tokens (no pixels)."""
+  """Full-length captions and random image tokens (no pixels), the kinds in the fixed counts
+  of `data.mix` as every real batch has them (all `[text][img]` with configs/bench.py)."""
+  from mmar_jax.data.pipeline import kind_counts
   b = config.train.batch_size
   rng = np.random.default_rng(seed)
   im = config.model.image
@@ -25,7 +28,8 @@ def synthetic_batch(mcfg, config, seed: int = 0) -> dict:
       image=rng.normal(size=(b, im.size, im.size, im.channels)).astype(np.float32),
       text=rng.integers(0, 256, (b, mcfg.max_text_len)).astype(np.int32),
       text_len=np.full((b,), mcfg.max_text_len, np.int32),
-      kind=np.zeros((b,), np.int32), index=np.arange(b, dtype=np.int32))
+      kind=np.repeat(np.arange(3, dtype=np.int32), kind_counts(config.data.mix, b)),
+      index=np.arange(b, dtype=np.int32))
 
 
 def _peak_bytes(compiled) -> int | None:
@@ -74,6 +78,7 @@ def bench_train(config, steps: int = 10, warmup: int = 3) -> dict:
       tokens_per_s=b * (mcfg.max_text_len + mcfg.num_image_tokens) / med, images_per_s=b / med,
       mfu=(flops / med / (peak * jax.device_count())) if peak else None,
       peak_bytes=_peak_bytes(compiled), flops_per_step=flops,
+      full_flops_per_step=flops_lib.train_step_flops(mcfg, config, full=True),
       xla_flops_per_step=float(cost.get("flops", float("nan"))) if cost else None,
       loss=float(metrics["loss"]), steps=steps, batch_size=b,
       compute_dtype=mcfg.backbone.compute_dtype, device=jax.devices()[0].device_kind,

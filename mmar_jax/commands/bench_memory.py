@@ -33,6 +33,7 @@ import numpy as np
 from mmar_jax import config as config_lib
 from mmar_jax.launch.tpu_names import (LaunchError, parse_accelerator_type, topology_kwargs,
                                        topology_name)
+from mmar_jax.train.step import loss_rows
 
 # Qwen2's tokenizer (len 151646; <|endoftext|> pads, <|im_end|> ends), for configs whose tokenizer
 # directory is not on this machine: only the ids matter for shapes.
@@ -151,8 +152,10 @@ def _layer_bytes(tokens: float, d: int, heads: int, kv: int, hd: int, mlp: int, 
 def activation_bytes(mcfg, config, mesh) -> dict:
   """A formula for what the step keeps between forward and backward, per device, by part:
   backbone layers (by remat policy, plus one layer rebuilt during the backward pass when
-  rematerialising), the LM head's fp32 logits (logits, log-softmax and their gradient), the ViT,
-  the diffusion head (every row x diffusion_batch_mul) and, before all that, the VAE encoding
+  rematerialising), the LM head's fp32 logits (logits, log-softmax and their gradient) on the rows
+  and vocabulary tile the step computes at once (`loss.text_rows`, `loss.vocab_tiles`), the ViT,
+  the diffusion head (the rows of `loss.head_rows`, x diffusion_batch_mul) and, before all that,
+  the VAE encoding
   the batch's pixels (a transient: the step's peak is the larger of the two)."""
   sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
   t = sizes.get("tensor", 1)
@@ -167,13 +170,18 @@ def activation_bytes(mcfg, config, mesh) -> dict:
   backbone = bb.num_layers * _layer_bytes(b * seq, policy=policy, **layer)
   if policy != "none":
     backbone += _layer_bytes(b * seq, policy="none", **layer)
-  lm_head = 3 * 4 * b * seq * bb.vocab_size / t
+  rows = loss_rows(config, mcfg)
+  text_rows = b * (rows["target_rows"] or seq)
+  # fp32 logits, their softmax and gradient: of one vocabulary tile at a time when tiled.
+  lm_head = 3 * 4 * text_rows * math.ceil(bb.vocab_size / max(rows["vocab_tiles"], 1)) / t
   vit_hd = vit.width // vit.heads
   vit_bytes = vit.layers * _layer_bytes(b * n, d=vit.width, heads=vit.heads, kv=vit.heads,
                                         hd=vit_hd, mlp=int(vit.mlp_ratio * vit.width), length=n,
                                         t=t, c=c, policy="none")
-  rows = b * n * config.loss.diffusion_batch_mul
-  head_bytes = rows * head.depth * 8 * head.width / t * jnp.dtype(head.compute_dtype).itemsize
+  head_share = (1.0 if rows["head_samples"] is None else
+                rows["head_samples"] * config.train.grad_accum / config.train.batch_size)
+  head_rows = b * head_share * n * config.loss.diffusion_batch_mul
+  head_bytes = head_rows * head.depth * 8 * head.width / t * jnp.dtype(head.compute_dtype).itemsize
   parts = dict(backbone=backbone, lm_head=lm_head, vit=vit_bytes, head=head_bytes)
   parts["vae_encode"] = _vae_transient(mcfg, b)
   parts["total"] = max(parts["vae_encode"], backbone + lm_head + vit_bytes + head_bytes)

@@ -7,7 +7,8 @@ against it on the same machine:
 * the decoder is `transformers.Qwen2ForCausalLM` (random init, SDPA attention) run once on the
   whole `[text] <boi> [img] <eoi>` sequence, with the image block's structure (causal across
   blocks, bidirectional inside the image, one shared RoPE position by default) as a 4D boolean
-  mask and explicit position ids; logits on every position, as the JAX step computes them;
+  mask and explicit position ids; logits on every position, as a PyTorch user writes it
+  (`gather=True`, `--gather`: on the text-target positions only, as the JAX step computes them);
 * EmbeddingViT (in_proj, mask token substituted, then the learned position embedding added,
   pre-LN blocks with `F.scaled_dot_product_attention`, final LayerNorm) and the VisProjector
   (Linear, SiLU, Linear);
@@ -160,7 +161,7 @@ def _modules():
 
 
 def bench_torch_train(config, steps: int = 10, warmup: int = 3, compile: bool = False,
-                      threads: int | None = None) -> dict:
+                      threads: int | None = None, gather: bool = False) -> dict:
   """One JSON-able dict with `bench train`'s keys; `threads` defaults to every CPU core."""
   import torch
   import torch.nn.functional as F
@@ -241,6 +242,7 @@ def bench_torch_train(config, steps: int = 10, warmup: int = 3, compile: bool = 
   targets = torch.full((b, seq), -100, dtype=torch.long)
   targets[:, :lt - 1] = text[:, 1:]  # text predicts text (not <boi>)
   targets[:, lt + n] = mcfg.eoi_id  # the last image position predicts <eoi>
+  text_rows, hidden_vocab = targets != -100, mcfg.backbone.vocab_size
   alpha_t = torch.tensor(sched_lib.base_schedule().alpha, dtype=torch.float32)
   sigma_t = torch.tensor(sched_lib.base_schedule().sigma, dtype=torch.float32)
   head_positions = torch.arange(n).repeat(b * mul) if mcfg.head.n_positions else None
@@ -271,9 +273,11 @@ def bench_torch_train(config, steps: int = 10, warmup: int = 3, compile: bool = 
     x = torch.cat([emb[:, :lt + 1], img, emb[:, lt + 1:]], dim=1)
     hidden = llm.model(inputs_embeds=x, attention_mask=attn_mask, position_ids=positions,
                        use_cache=False).last_hidden_state
-    logits = llm.lm_head(hidden)
-    loss_text = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                ignore_index=-100)
+    if gather:  # the LM head on the text-target positions only, as the JAX step computes it
+      logits, tgt = llm.lm_head(hidden[text_rows]), targets[text_rows]
+    else:
+      logits, tgt = llm.lm_head(hidden).reshape(-1, hidden_vocab), targets.reshape(-1)
+    loss_text = F.cross_entropy(logits, tgt, ignore_index=-100)
     z = hidden[:, lt + 1:lt + 1 + n].reshape(b * n, -1).repeat(mul, 1)
     x0 = tokens.reshape(b * n, c).repeat(mul, 1)
     weights = masked.reshape(b * n).repeat(mul).to(torch.float32)
@@ -309,7 +313,7 @@ def bench_torch_train(config, steps: int = 10, warmup: int = 3, compile: bool = 
     if i >= max(warmup, 1):
       times.append(dt)
   med = statistics.median(times)
-  flops = flops_lib.train_step_flops(mcfg, config)
+  flops = flops_lib.train_step_flops(mcfg, config, full=not gather)
   peak = float(config.peak_flops) if config.peak_flops else None
   version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
   return dict(
@@ -320,7 +324,7 @@ def bench_torch_train(config, steps: int = 10, warmup: int = 3, compile: bool = 
       peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       flops_per_step=flops, xla_flops_per_step=None, loss=float(loss), steps=steps, batch_size=b,
       compute_dtype="float32", device=f"cpu (torch {version})", backend="cpu", device_count=1,
-      threads=torch.get_num_threads(), compiled=bool(compile),
+      threads=torch.get_num_threads(), compiled=bool(compile), gathered=bool(gather),
       transformers=transformers.__version__)
 
 
@@ -328,6 +332,7 @@ def cli_bench_torch(args) -> int:
   from mmar_jax import config as config_lib
   config = config_lib.load_file(args.config)
   config_lib.apply_overrides(config, args.config_overrides)
-  result = bench_torch_train(config, steps=args.steps, compile=args.compile, threads=args.threads)
+  result = bench_torch_train(config, steps=args.steps, compile=args.compile, threads=args.threads,
+                             gather=args.gather)
   print(json.dumps(result, sort_keys=True))
   return 0

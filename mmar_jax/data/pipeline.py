@@ -9,9 +9,14 @@ is a single global example index (no per-process iterator state to store or resh
 
 An index maps to a record number through a grain MapDataset, `range(len) -> shuffle -> repeat`:
 grain's shuffle draws a new permutation for each epoch (index // len) from the seed, in O(1) per
-index. The sample kind ([text][img] P(I|T), [img][text] P(T|I), [img] P(I), from `data.mix`) and
-the horizontal flip are pure functions of (seed, index). Resuming at a step, on any number of
-processes, therefore rebuilds the same batches.
+index. The horizontal flip is a pure function of (seed, index). The sample kind ([text][img]
+P(I|T), [img][text] P(T|I), [img] P(I)) comes in fixed counts per batch (`kind_counts`: `data.mix`
+times the batch size, rounded by largest remainder), placed by a permutation keyed by (seed,
+block) where the index stream is cut into blocks of B from the resume point (a multiple of B
+unless the batch size changed): so every batch holds exactly as many generation samples as the
+train step's static shapes expect (models/mmar.py `head_rows`), and a kind is still a pure
+function of (seed, index). Resuming at a step, on any number of processes, therefore rebuilds
+the same batches.
 
 Bad records: an unreadable record, an empty caption or (with `long_caption: skip`) an over-long
 one is skipped and replaced by the example at a fixed stride past it (index + k * 1_000_003, the
@@ -23,6 +28,7 @@ read (after the first 200) stops the run, since the data source is then broken, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import threading
@@ -48,10 +54,32 @@ def parse_mix(mix: str) -> np.ndarray:
   return parts / parts.sum()
 
 
+def kind_counts(mix: str, batch_size: int) -> tuple[int, int, int]:
+  """Examples of each kind ([text][img], [img][text], [img]) in a batch: mix x B, rounded by
+  largest remainder (ties to the earlier kind), summing to B."""
+  exact = parse_mix(mix) * int(batch_size)
+  counts = np.floor(exact).astype(int)
+  for i in np.argsort(-(exact - counts), kind="stable")[:int(batch_size) - counts.sum()]:
+    counts[i] += 1
+  return tuple(int(c) for c in counts)
+
+
+def generation_samples(mix: str, batch_size: int) -> int:
+  """The samples of a batch that carry image loss: [text][img] and [img] (understanding samples
+  see their image unmasked)."""
+  t2i, _, uncond = kind_counts(mix, batch_size)
+  return t2i + uncond
+
+
 def _uniform(seed: int, index: np.ndarray, stream: int) -> np.ndarray:
   """A uniform [0, 1) per (seed, stream, index), independent of batch composition."""
   ss = [np.random.default_rng([seed, stream, int(i)]).random() for i in np.asarray(index).ravel()]
   return np.asarray(ss).reshape(np.shape(index))
+
+
+@functools.lru_cache(maxsize=64)
+def _block_permutation(seed: int, block: int, batch_size: int) -> np.ndarray:
+  return np.random.default_rng([seed, 1, block]).permutation(batch_size)
 
 
 def shuffle_seed(seed: int) -> int:
@@ -106,7 +134,8 @@ class Batcher:
     self.source, self.tokenizer = source, tokenizer
     self.order = record_order(len(source), seed)
     self.batch_size, self.max_text_len, self.seed = batch_size, max_text_len, seed
-    self.mix = np.cumsum(parse_mix(mix))
+    counts = kind_counts(mix, batch_size)
+    self.kinds = np.repeat(np.asarray([TEXT_TO_IMAGE, IMAGE_TO_TEXT, IMAGE_ONLY], np.int32), counts)
     self.random_flip, self.long_caption = random_flip, long_caption
     self.max_bad_fraction = max_bad_fraction
     local = batch_size // process_count
@@ -124,6 +153,12 @@ class Batcher:
     """The global example index of the first example of `step`."""
     s0, p0 = self.anchor
     return p0 + (int(step) - s0) * self.batch_size
+
+  def kind(self, index: int) -> int:
+    """The sample kind of global example `index` (the fixed counts of the module docstring)."""
+    offset = self.anchor[1] % self.batch_size
+    block, slot = divmod(int(index) - offset, self.batch_size)
+    return int(self.kinds[_block_permutation(self.seed, block, self.batch_size)[slot]])
 
   def record_index(self, index: int) -> int:
     """The source record that global example `index` reads."""
@@ -153,8 +188,9 @@ class Batcher:
     out[:len(ids)] = ids
     return out, len(ids)
 
-  def example(self, index: int) -> dict | None:
-    """The training example of global index `index`, or None (counted) if it is unusable."""
+  def example(self, index: int, kind: int | None = None) -> dict | None:
+    """The training example of global index `index` (of `kind`, default its own), or None
+    (counted) if it is unusable."""
     self.counters.saw()
     try:
       rec = self.source[self.record_index(index)]
@@ -169,8 +205,7 @@ class Batcher:
     if text is None:
       return None
     flip = self.random_flip and _uniform(self.seed, index, 3) < 0.5
-    u = _uniform(self.seed, index, 1)
-    kind = (TEXT_TO_IMAGE, IMAGE_TO_TEXT, IMAGE_ONLY)[int(np.searchsorted(self.mix, u, side="right"))]
+    kind = self.kind(index) if kind is None else kind
     out = dict(text=text[0], text_len=np.int32(text[1]), kind=np.int32(kind), index=np.int32(index))
     if "latent_mean" in rec:  # prepared latents: the posterior of the (flipped) image
       suffix = "_flip" if flip else ""
@@ -182,9 +217,11 @@ class Batcher:
     return out
 
   def usable_example(self, index: int) -> dict:
-    """`example(index)`, or the first usable one at a fixed stride past it."""
+    """`example(index)`, or the first usable one at a fixed stride past it, in the slot's kind
+    (so a bad record never changes a batch's kind counts)."""
+    kind = self.kind(index)
     for probe in range(MAX_PROBES + 1):
-      ex = self.example(int(index + probe * PROBE_STRIDE))
+      ex = self.example(int(index + probe * PROBE_STRIDE), kind)
       if ex is not None:
         return ex
     raise RuntimeError(f"data: {MAX_PROBES} unusable records in a row from example {index}; "

@@ -157,40 +157,78 @@ class MMAR(nnx.Module):
     hidden, _ = self.backbone(x, lay["positions"], lay["segment_ids"], lay["block_ids"])
     return hidden, ids, lay
 
-  def head_rows(self, prep: dict, hidden: jax.Array, lay: dict) -> dict:
-    """The diffusion head's rows of a prepared batch, draw-major as MAR tiles them (row d B N + r is
-    draw d of token r = b N + n): x0, z (the LLM output at that image position, no shift,
-    method.md §1.8), t, noise, mask_weights (1 where the token is masked: the rows carrying loss),
-    and positions for a head with a learned position embedding (else None)."""
+  def head_rows(self, prep: dict, hidden: jax.Array, lay: dict,
+                samples: int | None = None) -> dict:
+    """The diffusion head's rows of a prepared batch, draw-major as MAR tiles them (row d R + r is
+    draw d of token r): x0, z (the LLM output at that image position, no shift, method.md §1.8),
+    t, noise, mask_weights (1 where the token is masked: the rows carrying loss), positions for a
+    head with a learned position embedding (else None), and with `samples` also `dropped`, the
+    generation samples that did not fit.
+
+    samples None: every token of every sample (R = B N). samples G: the tokens of the batch's
+    generation samples only (kind != [img][text]; understanding samples see the image unmasked
+    and carry no image loss), gathered into G slots (R = G N): a static shape when the batch holds
+    exactly G of them, as data/pipeline.py's fixed kind counts make it. Unused slots weigh 0."""
     b, n, c = prep["tokens"].shape
     mul = prep["t"].shape[-1]
-    z = sequence.gather_image(hidden, lay["image_pos"]).reshape(b * n, -1)
+    z = sequence.gather_image(hidden, lay["image_pos"])
+    fields = dict(x0=prep["tokens"], z=z, t=prep["t"], noise=prep["noise"],
+                  mask_weights=prep["masked"].astype(jnp.float32))
+    extra = {}
+    if samples is not None:
+      generation = prep["kind"] != sequence.IMAGE_TO_TEXT
+      count = jnp.sum(generation.astype(jnp.int32))
+      idx = jnp.nonzero(generation, size=samples, fill_value=0)[0]
+      used = (jnp.arange(samples) < count).astype(jnp.float32)
+      fields = {k: jnp.take(v, idx, axis=0) for k, v in fields.items()}
+      fields["mask_weights"] = fields["mask_weights"] * used[:, None]
+      extra["dropped"] = jnp.maximum(count - samples, 0)
+      b = samples
     # Draws are stored per example [B, N, mul]; draw-major rows are (d, b, n).
     draw_major = lambda a: jnp.moveaxis(a, 2, 0).reshape(-1, *a.shape[3:])
-    rep = lambda a: parameterization.repeat_for_draws(a, mul)
+    rep = lambda a: parameterization.repeat_for_draws(a.reshape(b * n, *a.shape[2:]), mul)
     positions = jnp.tile(jnp.arange(n), b * mul) if self.cfg.head.n_positions else None
-    return dict(x0=rep(prep["tokens"].reshape(b * n, c)), z=rep(z), t=draw_major(prep["t"]),
-                noise=draw_major(prep["noise"]),
-                mask_weights=rep(prep["masked"].reshape(b * n).astype(jnp.float32)),
-                positions=positions)
+    return dict(x0=rep(fields["x0"]), z=rep(fields["z"]), t=draw_major(fields["t"]),
+                noise=draw_major(fields["noise"]), mask_weights=rep(fields["mask_weights"]),
+                positions=positions, **extra)
 
-  def loss_sums(self, prep: dict) -> dict:
-    """Summed text cross-entropy and diffusion loss over a prepared (micro-)batch."""
+  def text_loss_sum(self, hidden: jax.Array, ids: jax.Array, lay: dict, text_scale: jax.Array,
+                    target_rows: int | None = None, vocab_tiles: int = 0) -> jax.Array:
+    """The weighted sum of next-token cross-entropies over a batch's text targets.
+
+    target_rows None: the LM head at every position (the reference). target_rows K: at the first
+    K target positions of each sample only, K = max_text_len + 1 holding them all (a sample's
+    targets are its text tokens and <eoi>; `[img]` and image positions have none but <eoi>).
+    vocab_tiles: see `Qwen2.cross_entropy`."""
+    targets, weights = sequence.text_targets(ids, lay["segment_ids"], self.cfg.boi_id)
+    weights = weights * text_scale[:, None]
+    if target_rows is not None:
+      # Target positions first, in sequence order (a stable sort of "not a target").
+      order = jnp.argsort(weights <= 0, axis=1, stable=True)[:, :target_rows]
+      hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
+      targets = jnp.take_along_axis(targets, order, axis=1)
+      weights = jnp.take_along_axis(weights, order, axis=1)
+    d = hidden.shape[-1]
+    ce = self.backbone.cross_entropy(hidden.reshape(-1, d), targets.reshape(-1), vocab_tiles)
+    return jnp.sum(ce * weights.reshape(-1))
+
+  def loss_sums(self, prep: dict, *, target_rows: int | None = None, vocab_tiles: int = 0,
+                head_samples: int | None = None) -> dict:
+    """Summed text cross-entropy and diffusion loss over a prepared (micro-)batch, and the
+    generation samples that did not fit `head_samples` (`dropped`; 0 unless the batch breaks the
+    data's fixed kind counts). The defaults compute everywhere (the reference); the step passes
+    what the config's `loss.text_rows`, `loss.vocab_tiles` and `loss.head_rows` ask for."""
     cfg = self.cfg
     hidden, ids, lay = self.forward(prep)
-    targets, weights = sequence.text_targets(ids, lay["segment_ids"], cfg.boi_id)
-    weights = weights * prep["text_scale"][:, None]
-    logits = self.backbone.logits(hidden)
-    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
-    text_sum = jnp.sum(ce * weights)
-
-    r = self.head_rows(prep, hidden, lay)
+    text_sum = self.text_loss_sum(hidden, ids, lay, prep["text_scale"], target_rows, vocab_tiles)
+    r = self.head_rows(prep, hidden, lay, head_samples)
     batch_rows = lambda a: constrain(a, ("batch",) + (None,) * (a.ndim - 1))  # data-parallel
     image_sum, _ = parameterization.diffusion_loss(
         lambda xt, t, z: self.head(batch_rows(xt), batch_rows(t), batch_rows(z), r["positions"]),
         r["x0"], r["z"], r["mask_weights"], r["t"], r["noise"], prediction=cfg.head.prediction,
         expect_dtype=cfg.head.compute_dtype)
-    return dict(text_sum=text_sum, image_sum=image_sum)
+    return dict(text_sum=text_sum, image_sum=image_sum,
+                dropped=r.get("dropped", jnp.zeros([], jnp.int32)))
 
   def prepare(self, batch: dict, key: jax.Array, mask_ratio: jax.Array, caption_drop: float,
               diffusion_batch_mul: int, t2i_text_weight: float = 1.0) -> dict:

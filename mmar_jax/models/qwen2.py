@@ -21,6 +21,7 @@ from flax import nnx
 from mmar_jax.dtypes import get_dtype
 from mmar_jax.models import attention as attn
 from mmar_jax.models.layers import normal_002, ones, param, rms_norm, scan_or_unroll, zeros
+from mmar_jax.models.text_loss import tiled_cross_entropy
 from mmar_jax.parallel.sharding import constrain
 
 
@@ -117,6 +118,16 @@ class Qwen2(nnx.Module):
     w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
     return jnp.dot(hidden.astype(self.dtype), w.astype(self.dtype),
                    preferred_element_type=jnp.float32)
+
+  def cross_entropy(self, hidden: jax.Array, targets: jax.Array, vocab_tiles: int = 0) -> jax.Array:
+    """Per-row next-token cross-entropy fp32 [R] of hidden states [R, D] against int targets [R].
+    vocab_tiles = 0: from the full `logits` (the reference); n > 0: the vocabulary walked in n
+    tiles (text_loss.py), so no [R, vocab] fp32 array exists, in the forward or the backward."""
+    if not vocab_tiles:
+      logp = jax.nn.log_softmax(self.logits(hidden))
+      return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+    return tiled_cross_entropy(hidden, w, targets, num_tiles=vocab_tiles, compute_dtype=self.dtype)
 
   def init_cache(self, batch: int, length: int) -> dict:
     """An empty KV cache; unwritten slots have segment id 0, so they are never attended."""

@@ -1,7 +1,9 @@
 """Analytic matmul FLOPs of a train step (2 m n k per matmul; backward = 2 x forward).
 
 Counted: every dense projection, attention scores and weighted sums, the LM head, the ViT, the
-projector and the diffusion head (on all N x diffusion_batch_mul rows, as computed). Not counted:
+projector and the diffusion head, on the rows the step computes them on (`loss.text_rows`,
+`loss.head_rows`; a vocabulary-tiled cross-entropy recomputes the LM head in its backward pass,
+4 x forward), or with `full=True` on every position and row (the reference computation). Not counted:
 norms, activations, softmax, RoPE, the optimizer and elementwise work -- XLA's cost analysis
 counts those too, which is why the comparison in the tests allows a few percent.
 """
@@ -35,10 +37,17 @@ def head_forward(cfg, rows: int) -> float:
   return 2 * rows * c * w + time_embed + 2 * rows * cfg.cond_dim * w + blocks + final
 
 
-def train_step_flops(mcfg, config) -> float:
+def train_step_flops(mcfg, config, full: bool = False) -> float:
   """Per global batch: forward + backward (3 x forward)."""
+  from mmar_jax.train.step import loss_rows
   b = config.train.batch_size
   mul = config.loss.diffusion_batch_mul
-  fwd = (backbone_forward(mcfg.backbone, mcfg.seq_len) + vit_forward(mcfg.vit, mcfg.backbone.hidden_size)
-         + head_forward(mcfg.head, mcfg.num_image_tokens * mul))
-  return 3.0 * b * fwd
+  bb, n = mcfg.backbone, mcfg.num_image_tokens
+  rows = dict(target_rows=None, vocab_tiles=0, head_samples=None) if full else loss_rows(config, mcfg)
+  text_rows = b * (rows["target_rows"] or mcfg.seq_len)
+  lm_head = 2 * text_rows * bb.hidden_size * bb.vocab_size * (4 if rows["vocab_tiles"] else 3)
+  accum = int(config.train.grad_accum)
+  head_samples = b if rows["head_samples"] is None else rows["head_samples"] * accum
+  per_sample = (backbone_forward(bb, mcfg.seq_len, with_lm_head=False)
+                + vit_forward(mcfg.vit, bb.hidden_size))
+  return 3.0 * (b * per_sample + head_forward(mcfg.head, head_samples * n * mul)) + lm_head

@@ -156,6 +156,12 @@ def _train(config, workdir, preempt, stop_at, progress):
         record.update({k: float(v) for k, v in jax.device_get(probe(state, batch)).items()})
         t_last = time.perf_counter()
       writer.write(record)
+      if record["head_rows_dropped"]:  # that step was not applied (train/step.py)
+        raise config_lib.ConfigError(
+            f"step {done}: the batch held {int(record['head_rows_dropped'])} more generation "
+            "samples than the diffusion head's static rows (data.mix x train.batch_size fixes "
+            "them per batch; data/pipeline.py); set loss.head_rows=all to run the head on every "
+            "row")
       line = (f"step {done}/{total} loss {record['loss']:.4f} text {record['loss_text']:.4f} "
               f"image {record['loss_image']:.4f} grad_norm {record['grad_norm']:.3f} "
               f"lr {record['lr']:.2e} {step_time:.3f}s/step")

@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mmar_jax.data.pipeline import generation_samples
 from mmar_jax.models.mmar import MMAR, MMARConfig, combine, step_draws
 from mmar_jax.parallel import sharding
 from mmar_jax.train import optimizer as opt
@@ -96,11 +97,31 @@ def _split_micro(tree, accum: int):
   return jax.tree.map(lambda a: a.reshape(accum, a.shape[0] // accum, *a.shape[1:]), tree)
 
 
+def loss_rows(config, model_cfg: MMARConfig) -> dict:
+  """`MMAR.loss_sums`' keyword arguments from the config's `loss.text_rows`, `loss.vocab_tiles`
+  and `loss.head_rows`, for one micro-batch (a micro-batch may hold all of the batch's
+  generation samples, so its head capacity is the smaller of the two)."""
+  lcfg = config.loss
+  if lcfg.text_rows not in ("targets", "all"):
+    raise ValueError(f"loss.text_rows must be targets or all, got {lcfg.text_rows!r}")
+  if lcfg.head_rows not in ("generation", "all"):
+    raise ValueError(f"loss.head_rows must be generation or all, got {lcfg.head_rows!r}")
+  if int(lcfg.vocab_tiles) < 0:
+    raise ValueError(f"loss.vocab_tiles must be >= 0, got {lcfg.vocab_tiles}")
+  micro = int(config.train.batch_size) // int(config.train.grad_accum)
+  head = None
+  if lcfg.head_rows == "generation":
+    head = min(micro, generation_samples(config.data.mix, config.train.batch_size))
+  return dict(target_rows=model_cfg.max_text_len + 1 if lcfg.text_rows == "targets" else None,
+              vocab_tiles=int(lcfg.vocab_tiles), head_samples=head)
+
+
 def make_train_step(tr: Trainer):
   """A jitted (state, batch) -> (state, metrics); the state buffers are donated."""
   cfg = tr.config
   accum = int(cfg.train.grad_accum)
   lcfg = cfg.loss
+  rows = loss_rows(cfg, tr.model_cfg)
 
   def step_fn(state, batch):
     step = state["step"]
@@ -111,9 +132,9 @@ def make_train_step(tr: Trainer):
     counts = {k: prep.pop(k) for k in ("text_count", "image_count")}
 
     def micro_loss(params, micro):
-      sums = tr.model(params).loss_sums(micro)
+      sums = tr.model(params).loss_sums(micro, **rows)
       loss, parts = combine(sums, counts, lcfg.image_weight, lcfg.text_weight)
-      return loss, parts
+      return loss, dict(parts, head_rows_dropped=sums["dropped"])
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     if accum == 1:
@@ -123,13 +144,17 @@ def make_train_step(tr: Trainer):
         (l, p), g = grad_fn(state["params"], micro)
         return jax.tree.map(jnp.add, carry, (l, p, g)), None
       zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros([]), {"loss_image": jnp.zeros([]),
-                                                            "loss_text": jnp.zeros([])},
+                                                            "loss_text": jnp.zeros([]),
+                                                            "head_rows_dropped": jnp.zeros(
+                                                                [], jnp.int32)},
                                             state["params"]))
       (loss, parts, grads), _ = jax.lax.scan(body, zeros, _split_micro(prep, accum))
     grad_norm = optax.global_norm(grads)
     if cfg.train.check_finite:  # debugging switch: stop at the first non-finite loss (host sync)
       chex.assert_tree_all_finite((loss, parts))
-    finite = jnp.isfinite(grad_norm)
+    # A step whose batch had more generation samples than the head's static rows is not applied
+    # (the loop then stops, naming the keys): never a gradient that silently left rows out.
+    finite = jnp.isfinite(grad_norm) & (parts["head_rows_dropped"] == 0)
     updates, new_opt = tr.tx.update(grads, state["opt_state"], state["params"])
     new_params = optax.apply_updates(state["params"], updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
