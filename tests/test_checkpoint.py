@@ -141,6 +141,21 @@ def test_checkpointer_saves_every_n_and_keeps_the_last_k(tmp_path):
     restore_params(tmp_path, 3, "raw", {})
 
 
+def test_a_relative_workdir_checkpoints(tmp_path, monkeypatch):
+  """The README's `--workdir workdirs/demo`: orbax refuses relative paths in its background
+  save thread, so the Checkpointer makes a local workdir absolute."""
+  from mmar_jax.train.checkpoint import Checkpointer, restore_params
+  monkeypatch.chdir(tmp_path)
+  ckpt = Checkpointer("runs/rel", keep=2, save_every=1)
+  ckpt.save(1, {"step": np.int32(1), "params": {"w": np.ones((4,), np.float32)}}, {"step": 1})
+  ckpt.close()
+  assert (tmp_path / "runs" / "rel" / "checkpoints" / "1").is_dir()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  w, step = restore_params("runs/rel", None, "raw", {"w": jax.ShapeDtypeStruct((4,), np.float32,
+                                                                              sharding=device)})
+  assert step == 1 and (np.asarray(w["w"]) == 1).all()
+
+
 # -- export ---------------------------------------------------------------------------------------
 
 

@@ -18,6 +18,8 @@ shardings, so a checkpoint restores on another mesh shape or number of processes
 
 from __future__ import annotations
 
+import os
+
 import jax
 from etils import epath
 
@@ -28,7 +30,10 @@ class Checkpointer:
                read_only: bool = False):
     import orbax.checkpoint as ocp
     self._ocp = ocp
-    self.directory = epath.Path(workdir) / "checkpoints"
+    # Orbax refuses relative paths (in its background save thread, after the step): a local
+    # --workdir such as the README's `workdirs/demo` is made absolute here.
+    local = "://" not in os.fspath(workdir)
+    self.directory = (epath.Path(os.path.abspath(workdir)) if local else epath.Path(workdir)) / "checkpoints"
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
         create=not read_only, read_only=read_only,
