@@ -74,7 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.text_weight = 1.0
   c.loss.diffusion_batch_mul = 4
   c.loss.caption_drop = 0.1
-  c.loss.t2i_text_weight = 1.0  # weight of the caption tokens of [text][img] samples in L_txt
+  # Weight of the text targets of [text][img] samples in L_txt. 0: the caption is a condition,
+  # not a target (the seeds write the sequence as P(I|T); method.md §1.9); 1: the joint P(T, I).
+  c.loss.t2i_text_weight = 0.0
   c.loss.mask_ratio = "stage1"  # stage1: truncnorm on [0.7, 1]; stage2: uniform on [0, 1]
   # Compute only where the loss is (the same losses and gradients as "all", the reference):
   # targets: the LM head on each sample's text-target positions only (max_text_len + 1 rows);
