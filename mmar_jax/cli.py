@@ -130,6 +130,10 @@ CONVERT = {
          "a training workdir's whole model -> safetensors under documented names + mmar_config.json"),
     )
 }
+CONVERT["safetensors-to-jax"] = (
+    "mmar_jax.commands.safetensors_to_jax:cli_safetensors_to_jax",
+    lambda p: __import__("mmar_jax.commands.safetensors_to_jax", fromlist=["add_args"]).add_args(p),
+    "a jax-to-safetensors output (edited in PyTorch) -> a new training workdir that train resumes")
 
 
 def _bench_args(p):

@@ -15,36 +15,24 @@ when they are the next ids after its own (the usual case: the first spare rows),
 
 jax-to-safetensors writes the whole model for users who bring their own PyTorch code,
 `model.safetensors` (sharded with `model.safetensors.index.json` above --max-shard-size) and
-`mmar_config.json` (the model config, the token ids, the step, and the naming rules below), plus
-the text tokenizer under `tokenizer/`. Names, all in PyTorch layout (Linear weights [out, in],
-conv weights [out, in, kh, kw], one tensor per layer):
-  backbone.*         HuggingFace Qwen2 names: backbone.model.embed_tokens.weight,
-                     backbone.model.layers.{i}.self_attn.q_proj.weight, ..., backbone.lm_head.weight
-  vae.*              MAR's KL-16 names (encoder.*, decoder.*, quant_conv.*, post_quant_conv.*)
-  diffloss.net.*     MAR's diffusion head names (and diffusion_pos_embed_learned when present)
-  vit.*, projector.* our module paths with the stacked `blocks` axis split into `blocks.{i}.`;
-                     a leaf `X_kernel` / `kernel` becomes `X.weight` / `weight` [out, in], `X_bias`
-                     `X.bias`, `X_scale` / `scale` (norm gains) `X.weight` / `weight`; other leaves
-                     (mask_token, pos_embed) keep their name and shape.
+`mmar_config.json` (the model config, the token ids, the step and data position, the naming
+rules, and the run's whole training config as `run_config`, from which `convert
+safetensors-to-jax` rebuilds a training workdir), plus the text tokenizer under `tokenizer/`. The
+names, all in PyTorch layout, and the table that maps them both ways are convert/whole_model.py's.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import sys
-from typing import Callable
 
 import numpy as np
 from etils import epath
 
-from mmar_jax import trees
+from mmar_jax.convert.whole_model import CONFIG_FILE as SAFETENSORS_CONFIG, FORMAT
 from mmar_jax.errors import ConversionError
 from mmar_jax.files import atomic_output
-
-SAFETENSORS_CONFIG = "mmar_config.json"
-FORMAT = "mmar_jax.safetensors/1"
 
 
 # -- a workdir's params -----------------------------------------------------------------------------
@@ -135,20 +123,12 @@ def workdir_vae_tensors(workdir, step=None, which="ema") -> tuple[dict, int]:
   """MAR-layout VAE tensors of a run whose image tokenizer is a VAE. The VAE is frozen, so EMA
   and raw agree; either is accepted."""
   from mmar_jax.convert.mar_vae import jax_to_mar_vae
-  from mmar_jax.models.vae import VAEConfig
+  from mmar_jax.convert.whole_model import vae_config
   params, mcfg, step = workdir_params(workdir, step, which, "image_tokenizer")
   if mcfg.image.get("kind") != "vae" or "vae" not in params:
     raise ConversionError(f"the run in {workdir} has no VAE (model.image.kind is "
                           f"{mcfg.image.get('kind')!r})")
-  return jax_to_mar_vae(VAEConfig.from_dict(_vae_fields(mcfg)), params["vae"]), step
-
-
-def _vae_fields(mcfg) -> dict:
-  fields = dict(mcfg.image.get("vae") or {})
-  if mcfg.image.get("path"):
-    from mmar_jax.files import read_json
-    fields = dict(read_json(mcfg.image["path"], "vae_config.json"), **fields)
-  return fields
+  return jax_to_mar_vae(vae_config(mcfg), params["vae"]), step
 
 
 def cli_jax_to_mar_vae(args) -> int:
@@ -194,76 +174,16 @@ def cli_jax_to_mar_head(args) -> int:
 # -- jax-to-safetensors -----------------------------------------------------------------------------
 
 
-def _torch_leaf(name: str) -> tuple[str, bool]:
-  """Our leaf name -> (PyTorch-style name, transpose?), the rules in the module docstring."""
-  m = re.fullmatch(r"(?:(.+)_)?(kernel|bias|scale)", name)
-  if not m:
-    return name, False
-  stem, kind = m.groups()
-  leaf = {"kernel": "weight", "bias": "bias", "scale": "weight"}[kind]
-  return (f"{stem}.{leaf}" if stem else leaf), kind == "kernel"
-
-
-def generic_tensors(tree: dict, prefix: str, stacked=("blocks",)) -> dict[str, Callable]:
-  """{name: producer} for a module without an external layout (vit, projector)."""
-  out: dict[str, Callable] = {}
-
-  def walk(node, path, layer):
-    for key, value in node.items():
-      if isinstance(value, dict):
-        if key in stacked and layer is None:
-          depth = len(next(trees.leaves(value)))
-          for i in range(depth):
-            walk(value, path + (f"{key}.{i}",), i)
-        else:
-          walk(value, path + (key,), layer)
-        continue
-      name, transpose = _torch_leaf(key)
-      full = ".".join((prefix,) + path + (name,))
-      out[full] = (lambda v=value, i=layer, t=transpose:
-                   (lambda a: a.T if t else a)(np.asarray(v)[i] if i is not None else np.asarray(v)))
-  walk(tree, (), None)
-  return out
-
-
-def whole_model_tensors(params: dict, mcfg) -> dict[str, Callable]:
-  """{name: producer of a numpy array}, in a fixed order, for every parameter of the model."""
-  from mmar_jax.convert import hf
-  from mmar_jax.convert.mar_head import jax_to_mar_head
-  from mmar_jax.convert.mar_vae import jax_to_mar_vae
-  from mmar_jax.models.vae import VAEConfig
-  out: dict[str, Callable] = {}
-  backbone = params["backbone"]
-  for slot in hf.hf_layout(mcfg.backbone):
-    def produce(slot=slot):
-      a = np.asarray(trees.at(backbone, slot.key))
-      a = a if slot.layer is None else a[slot.layer]
-      return a.T if slot.transpose else a
-    out[f"backbone.{slot.hf_name}"] = produce
-  for module in ("vit", "projector"):
-    out.update(generic_tensors(params[module], module))
-  for name, a in jax_to_mar_head(mcfg.head, params["head"]).items():
-    out[name] = lambda a=a: a
-  if "vae" in params.get("image_tokenizer", {}):
-    vae = jax_to_mar_vae(VAEConfig.from_dict(_vae_fields(mcfg)), params["image_tokenizer"]["vae"])
-    for name, a in vae.items():
-      out[f"vae.{name}"] = lambda a=a: a
-  counted = sum(int(np.prod(np.shape(x))) for x in trees.leaves(params))
-  written = sum(int(np.prod(f().shape)) for f in out.values())
-  if counted != written:  # every parameter exported exactly once
-    raise ConversionError(f"export covers {written} of the model's {counted} parameters")
-  return out
-
-
 def workdir_to_safetensors(workdir: str, out: str, *, step=None, which="ema", dtype=None,
                            max_shard_size="5GB", overwrite=False) -> tuple[list[str], int]:
   from mmar_jax.convert import safetensors_io as sio
   from mmar_jax.convert.hf import _CLI_DTYPES
+  from mmar_jax.convert.whole_model import NAMING, tensors_from_params
   from mmar_jax.dtypes import get_dtype
   if os.path.exists(out) and not overwrite:
     raise ConversionError(f"output {os.path.abspath(out)} exists; pass --overwrite to replace it")
   params, mcfg, step = workdir_params(workdir, step, which)
-  producers = whole_model_tensors(params, mcfg)
+  producers = tensors_from_params(params, mcfg)
   cast = None if dtype is None else np.dtype(get_dtype(_CLI_DTYPES[dtype]))
   specs = []
   for name, f in producers.items():
@@ -275,12 +195,10 @@ def workdir_to_safetensors(workdir: str, out: str, *, step=None, which="ema", dt
     return np.ascontiguousarray(a.astype(cast, copy=False) if cast is not None else a)
 
   config = {"format": FORMAT, "model": mcfg.to_dict(), "step": step, "params": which,
-            **special_tokens_config(mcfg),
-            "naming": {"backbone.": "HuggingFace Qwen2 names, PyTorch layout",
-                       "vae.": "MAR KL-16 VAE names, PyTorch layout",
-                       "diffloss.net.": "MAR diffusion head names (diffusion_pos_embed_learned too)",
-                       "vit., projector.": "module paths; blocks.{i}. per layer; X_kernel -> "
-                                           "X.weight [out, in], X_bias -> X.bias, X_scale -> X.weight"}}
+            **special_tokens_config(mcfg), "naming": NAMING,
+            # The way back (`convert safetensors-to-jax`) rebuilds a training workdir from these.
+            "run_config": json.loads((epath.Path(workdir) / "config.json").read_text()),
+            "data_position": _data_position(workdir, step)}
   with atomic_output(out, overwrite) as tmp:
     files = sio.write_sharded(tmp, specs, produce, max_shard_size, metadata={"format": "pt"})
     with open(os.path.join(tmp, SAFETENSORS_CONFIG), "w") as f:
@@ -292,6 +210,17 @@ def workdir_to_safetensors(workdir: str, out: str, *, step=None, which="ema", dt
       _copy_tree(tok, epath.Path(tmp) / "tokenizer")
       files.append("tokenizer/")
   return files, step
+
+
+def _data_position(workdir, step: int) -> int | None:
+  """The global example index the step after `step` reads (the checkpoint's meta)."""
+  from mmar_jax.train.checkpoint import Checkpointer
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    position = ckpt.restore_meta(step).get("data_position")
+  finally:
+    ckpt.close()
+  return None if position is None else int(position)
 
 
 def _copy_tree(src, dst):

@@ -84,7 +84,7 @@ def infer_config(sd: dict):
                           "has 2 * z_channels")
   return VAEConfig(
       ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
-      embed_dim=_shape(sd, "post_quant_conv.weight")[0], z_channels=z2 // 2,
+      embed_dim=_shape(sd, "post_quant_conv.weight")[1], z_channels=z2 // 2,  # [z, embed, 1, 1]
       in_channels=in_channels, out_ch=_shape(sd, "decoder.conv_out.weight")[0],
       attn_levels=tuple(_indices(sd, r"encoder\.down\.(\d+)\.attn\.")),
       dec_attn_levels=tuple(_indices(sd, r"decoder\.up\.(\d+)\.attn\.")))
