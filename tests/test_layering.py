@@ -10,6 +10,7 @@ here, and in the README's layout section:
   models                                    backbone, ViT, head, VAE, the MMAR model
   convert                                   HF / MAR weight mappings and safetensors files
   data                                      sources, tokenizers, the batch pipeline
+  pytorch                                   the same MMAR in PyTorch (torch only here)
   train                                     state, step, optimizer, checkpoints, loop
   run                                       a training run opened from its workdir
   sample                                    text-to-image and image-to-text decoding
@@ -34,6 +35,7 @@ LAYERS = (
     ("models",),
     ("convert",),
     ("data",),
+    ("pytorch",),
     ("train",),
     ("run",),
     ("sample",),

@@ -165,6 +165,17 @@ def _rows_of(z, cfg) -> int:
   return z.shape[0] // 2
 
 
+def initial_noise(key, n: int, channels: int) -> jax.Array:
+  """x_T [N, C] of `sample` (its first stream of `key`)."""
+  return par.normal_rows(_split(key)[0], n, channels)
+
+
+def step_noise(key, k, n: int, channels: int) -> jax.Array:
+  """The noise [N, C] that `sample` adds at the k-th kept step (its second stream of `key`):
+  with `initial_noise`, what an outside implementation replays to draw the same tokens."""
+  return par.normal_rows(_fold(_split(key)[1], k), n, channels)
+
+
 def sample(head_apply: HeadApply, z, key, *, method: str = "ddpm", num_steps: int = 100,
            temperature=1.0, cfg=None, prediction: str = "v", channels: int = 16, eta=0.0,
            x_T=None, num_timesteps: int = sched_lib.NUM_TIMESTEPS):
@@ -177,15 +188,14 @@ def sample(head_apply: HeadApply, z, key, *, method: str = "ddpm", num_steps: in
     raise ValueError(f"unknown sampler {method!r}; use 'ddpm' or 'ddim'")
   n = _rows_of(z, cfg)
   arrays = schedule_arrays(num_steps, num_timesteps)
-  init_key, step_key = _split(key)
-  x = par.normal_rows(init_key, n, channels) if x_T is None else jnp.asarray(x_T, jnp.float32)
+  x = initial_noise(key, n, channels) if x_T is None else jnp.asarray(x_T, jnp.float32)
   stochastic = method == "ddpm" or not (isinstance(eta, (int, float)) and eta == 0)
 
   def body(j, x):
     k = num_steps - 1 - j
     c = step_coefs(arrays, k)
     out = model_output(head_apply, x, c.t, z, cfg)
-    noise = par.normal_rows(_fold(step_key, k), n, channels) if stochastic else None
+    noise = step_noise(key, k, n, channels) if stochastic else None
     if method == "ddpm":
       return ddpm_step(out, x, c, noise, prediction=prediction, temperature=temperature)
     return ddim_step(out, x, c, noise, prediction=prediction, eta=eta, temperature=temperature)

@@ -319,6 +319,23 @@ def check_hf_parity(*, hf_dir=None, atol: float = 1e-4, max_kl: float = 1e-6,
                   f"{r['argmax_agree']:.4f} (min {min_argmax}), {r['seq_len']} tokens")
 
 
+def check_torch_parity(config=None, *, workdir=None, perturb: str | None = None,
+                       reference=None) -> Result:
+  """The JAX MMAR against the PyTorch MMAR on the same weights and draws (repro/torch_parity.py):
+  a random model of `config` (default tiny), or the EMA weights of `workdir`. `reference` reuses
+  a computed JAX side."""
+  from mmar_jax.repro import torch_parity
+  r = torch_parity.compare(reference or torch_parity.reference(workdir, config), perturb,
+                           log=lambda *_: None)
+  tol = torch_parity.TOLERANCES
+  worst = max(r[k] / tol[k] for k in tol)
+  detail = ", ".join(f"{k} {r[k]:.1e} (max {tol[k]:.0e})" for k in tol)
+  if "captions_equal" in r:
+    detail += f", greedy captions {'identical' if r['captions_equal'] else 'DIFFER'}"
+  return _verdict("torch-parity", bool(r["passed"]), worst, 1.0,
+                  f"{detail}; worst / tolerance shown; {r['jax_seconds'] + r['torch_seconds']:.0f} s")
+
+
 def check_roundtrip(*, perturb: str | None = None) -> Result:
   """HF Qwen2, MAR VAE and MAR head weights, JAX -> PyTorch layout -> JAX, bit for bit (the head
   keeps its prediction type through the file metadata). `perturb` names a part ('hf', 'vae',
@@ -398,6 +415,3 @@ def check_numerics(*, full: bool = False, workdir=None) -> Result:
   return Result("numerics", "pass", meta.get("ordering"), "method.md §4",
                 f"{meta['mode']}: analytic factors, bf16 matmuls/output, fp32 schedule/target/loss"
                 + (", measured ordering" if full else ""))
-
-
-CHECKS = ("determinism", "resume", "mesh", "hf-parity", "roundtrip", "numerics", "golden")

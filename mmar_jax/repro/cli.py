@@ -6,7 +6,8 @@ import json
 import os
 import sys
 
-CHECK_NAMES = ("determinism", "resume", "mesh", "hf-parity", "roundtrip", "numerics", "golden")
+CHECK_NAMES = ("determinism", "resume", "mesh", "hf-parity", "roundtrip", "numerics", "golden",
+               "torch-parity")
 
 
 def add_args(p):
@@ -63,6 +64,8 @@ def run(args) -> list:
                                  prompt_ids=args.prompt_ids, dump_logits=args.dump_logits)
     elif name == "roundtrip":
       r = checks.check_roundtrip()
+    elif name == "torch-parity":
+      r = checks.check_torch_parity(config, workdir=args.workdir)
     elif name == "numerics":
       r = checks.check_numerics(full=args.full, workdir=args.workdir)
     else:
