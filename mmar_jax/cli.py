@@ -109,8 +109,6 @@ COMMANDS = {
                      "images + captions -> encoded latents in ArrayRecord shards (data.source latents:DIR)"),
     "repro": ("mmar_jax.repro.cli:cli_repro", _repro_args,
               "reproducibility checks: a pass/fail table, non-zero exit on failure"),
-    "eval": ("mmar_jax.commands.evaluate:cli_eval", _eval_args,
-             "the demo's held-out evaluation: understanding and generation accuracy, pictures"),
     "generate": ("mmar_jax.commands.sample:cli_generate", lambda p: _sample_args(p, "generate"),
                  "text to image (no --prompt: unconditional)"),
     "caption": ("mmar_jax.commands.sample:cli_caption", lambda p: _sample_args(p, "caption"),
@@ -162,6 +160,32 @@ BENCH["torch-train"] = ("mmar_jax.commands.bench_torch:cli_bench_torch", _bench_
 BENCH["memory"] = ("mmar_jax.commands.bench_memory:cli_bench_memory", _bench_memory_args,
                    "the train step's memory per device from an ahead-of-time compile")
 
+
+def _fid_args(p):
+  from mmar_jax.commands import fid  # light: imports nothing heavy at module level
+  fid.add_args(p)
+
+
+def _understanding_args(p):
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--data", required=True, help="JSONL: {image, question, answer} (open) or "
+                 "{image, question, choices, answer} (multiple choice)")
+  p.add_argument("--out", default=None, help="predictions and summary (default: WORKDIR/eval/understanding.json)")
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--params", default="ema", choices=("ema", "raw"))
+
+
+EVAL = {
+    "demo": ("mmar_jax.commands.evaluate:cli_eval", _eval_args,
+             "the demo's held-out evaluation: understanding and generation accuracy, pictures "
+             "(the default: `eval --workdir DIR`)"),
+    "fid": ("mmar_jax.commands.fid:cli_fid", _fid_args,
+            "FID of an image folder against a folder or .npz statistics (pytorch-fid's Inception)"),
+    "understanding": ("mmar_jax.commands.understanding:cli_eval_understanding", _understanding_args,
+                      "a benchmark JSONL: open answers by exact match, multiple choice by likelihood"),
+}
+
 DIAGNOSE = {
     "numerics": ("mmar_jax.commands.diagnose:cli_numerics", _numerics_args,
                  "bf16 error of eps / v / x0 parameterisations: table, numerics.json, plot"),
@@ -169,10 +193,22 @@ DIAGNOSE = {
 
 # group -> (help, {name -> (target, add_arguments, help)}); a group's subcommand is `args.<group>`.
 GROUPS = {
+    "eval": ("evaluations: " + ", ".join(EVAL) + " (a flag right after `eval` means demo)", EVAL),
     "convert": ("weights across frameworks", CONVERT),
     "bench": ("throughput and memory benchmarks, one JSON line", BENCH),
     "diagnose": ("numerical diagnostics", DIAGNOSE),
 }
+
+# group -> the subcommand a flag right after the group's name means: `eval --workdir DIR` was a
+# command of its own before `eval` grew subcommands, and still runs the demo's evaluation.
+DEFAULT_SUBCOMMAND = {"eval": "demo"}
+
+
+def with_default_subcommand(argv: list[str]) -> list[str]:
+  if (len(argv) > 1 and argv[0] in DEFAULT_SUBCOMMAND and argv[1].startswith("-")
+      and argv[1] not in ("-h", "--help")):
+    return [argv[0], DEFAULT_SUBCOMMAND[argv[0]]] + argv[1:]
+  return argv
 
 
 def _global_args(p: argparse.ArgumentParser):
@@ -189,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(p)
     p.set_defaults(target=target)
   for group, (group_help, table) in GROUPS.items():
-    gsub = sub.add_parser(group, help=group_help).add_subparsers(dest=group, required=True)
+    gsub = sub.add_parser(group, help=group_help, description=group_help).add_subparsers(
+        dest=group, required=True)
     for name, (target, add, help_) in table.items():
       p = gsub.add_parser(name, help=help_)
       _global_args(p)
@@ -212,7 +249,7 @@ def setup_jax_environment(cpu_devices: int | None):
 
 def main(argv=None) -> int:
   from mmar_jax.config import split_override_args
-  from mmar_jax.errors import ConfigError, ConversionError
+  from mmar_jax.errors import ConfigError, ConversionError, InputError
 
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
@@ -220,7 +257,7 @@ def main(argv=None) -> int:
   except ConfigError as e:
     print(f"mmar-jax: error: {e}", file=sys.stderr)
     return 2
-  args = build_parser().parse_args(argv)
+  args = build_parser().parse_args(with_default_subcommand(argv))
   if getattr(args, "mesh", None):
     overrides.append(("mesh", args.mesh))
   args.config_overrides = overrides
@@ -236,7 +273,7 @@ def main(argv=None) -> int:
   func = getattr(importlib.import_module(module_name), func_name)
   try:
     return int(func(args) or 0)
-  except (ConfigError, ConversionError, FileNotFoundError, FileExistsError) as e:
+  except (ConfigError, ConversionError, InputError, FileNotFoundError, FileExistsError) as e:
     print(f"mmar-jax: error: {e}", file=sys.stderr)
     return 2
 

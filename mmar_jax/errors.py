@@ -8,3 +8,8 @@ class ConfigError(ValueError):
 
 class ConversionError(ValueError):
   """A checkpoint that cannot be converted; the message names the tensor, key or file."""
+
+
+class InputError(ValueError):
+  """A data file given on the command line (prompts, benchmark records) is not usable; the
+  message names the file and line."""

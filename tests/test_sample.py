@@ -8,6 +8,7 @@ the compiled programs are few: K in {1, 8, 256} without guidance and K = 8 with 
 """
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -374,3 +375,98 @@ def test_commands_name_missing_inputs(workdir, tmp_path, capsys):
   assert _cli("caption", "--workdir", tmp_path, "--image", tmp_path / "missing.png") == 2
   assert _cli("generate", "--workdir", workdir, "--step", 7, "--out", tmp_path / "x.png") == 2
   assert "step 7" in capsys.readouterr().err
+
+
+# -- many prompts / pictures per process start (commands/sample_files.py) ---------------------------
+
+MANY = ["--ar-steps", 4, "--diffusion-steps", DSTEPS, "--seed", 5, "--num-per-prompt", 2]
+
+
+def _prompts_file(tmp_path):
+  path = tmp_path / "prompts.txt"
+  path.write_text("a red square at the top left\n\na blue cross at the bottom right\n")
+  return path
+
+
+def _pngs(directory) -> dict:
+  return {p.name: p.read_bytes() for p in sorted(directory.glob("*.png"))}
+
+
+def test_generate_prompts_file_same_bytes_whatever_the_batch_size(workdir, tmp_path, capsys):
+  import json
+  prompts = _prompts_file(tmp_path)
+  for b in (1, 4):
+    assert _cli("generate", "--workdir", workdir, "--prompts", prompts, "--out-dir", tmp_path / f"b{b}",
+                "--batch-size", b, *MANY) == 0
+  one, four = _pngs(tmp_path / "b1"), _pngs(tmp_path / "b4")
+  assert sorted(one) == [f"{i:06d}_{k:02d}.png" for i in range(3) for k in range(2)]
+  assert one == four
+  assert len(set(one.values())) == 6  # every draw differs
+  index = [json.loads(l) for l in (tmp_path / "b4" / "index.jsonl").read_text().splitlines()]
+  assert [(r["prompt_index"], r["draw"]) for r in index] == [(i, k) for i in range(3) for k in range(2)]
+  assert index[2]["prompt"] == "" and index[2]["file"] == "000001_00.png"
+  # A re-run draws only what is missing, and the same bytes.
+  (tmp_path / "b4" / "000002_01.png").unlink()
+  capsys.readouterr()
+  assert _cli("generate", "--workdir", workdir, "--prompts", prompts, "--out-dir", tmp_path / "b4",
+              "--batch-size", 4, *MANY) == 0
+  result = json.loads(capsys.readouterr().out.splitlines()[-1])
+  assert (result["drawn"], result["skipped"]) == (1, 5) and _pngs(tmp_path / "b4") == one
+
+
+@pytest.mark.slow  # two subprocesses (model load + compile each)
+def test_generate_prompts_file_one_device_killed_and_resumed(workdir, tmp_path):
+  """On 1 device instead of 8, killed after its first pictures and run again: every file once,
+  the same bytes as the 8-device run, no temporary file left."""
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  from conftest import ROOT, subprocess_env
+  prompts = _prompts_file(tmp_path)
+  assert _cli("generate", "--workdir", workdir, "--prompts", prompts, "--out-dir", tmp_path / "ref",
+              "--batch-size", 2, *MANY) == 0
+  out = tmp_path / "one"
+  cmd = [sys.executable, "-m", "mmar_jax", "generate", "--cpu-devices", "1", "--workdir", str(workdir),
+         "--prompts", str(prompts), "--out-dir", str(out), "--batch-size", "1", *map(str, MANY)]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(TQDM_DISABLE="1"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None and len(list(out.glob("*.png"))) < 2:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  partial = len(list(out.glob("*.png")))
+  assert 2 <= partial < 6, partial
+  subprocess.run(cmd, cwd=ROOT, env=subprocess_env(TQDM_DISABLE="1"), check=True, capture_output=True)
+  assert _pngs(out) == _pngs(tmp_path / "ref")
+  assert not [p for p in os.listdir(out) if p.startswith(".")]
+
+
+def test_caption_many_pictures_skips_the_unreadable(workdir, tmp_path, capsys):
+  import json
+
+  from PIL import Image
+
+  from mmar_jax.data.shapes import ShapesSpec, render
+  pics = tmp_path / "pics"
+  pics.mkdir()
+  for i, names in enumerate([("red", "square", "top left"), ("blue", "cross", "center")]):
+    Image.fromarray(render(*names, ShapesSpec())).save(pics / f"{i}.png")
+  (pics / "broken.png").write_bytes(b"not a picture")
+  out = tmp_path / "captions.jsonl"
+  capsys.readouterr()
+  assert _cli("caption", "--workdir", workdir, "--images", pics, "--out", out, "--max-tokens", 5,
+              "--batch-size", 2) == 0
+  summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+  assert (summary["captioned"], summary["unreadable"]) == (2, 1)
+  records = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [os.path.basename(r["image"]) for r in records] == ["0.png", "1.png", "broken.png"]
+  assert "broken.png" in records[2]["error"] and "caption" not in records[2]
+  # Batched greedy captions are the one-picture command's.
+  for r in records[:2]:
+    capsys.readouterr()
+    assert _cli("caption", "--workdir", workdir, "--image", r["image"], "--max-tokens", 5) == 0
+    assert capsys.readouterr().out.strip() == r["caption"].strip()

@@ -163,3 +163,19 @@ def test_a_change_made_in_pytorch_comes_back_into_a_run(export, tmp_path):
   rest = lambda p: [a for path, a in jax.tree_util.tree_leaves_with_path(p) if "fc1_kernel" not in str(path)]
   for a, b in zip(rest(after), rest(before)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow  # trains the demo model (a few minutes)
+def test_torch_parity_on_a_trained_demo_sized_run(tmp_path):
+  """`repro torch-parity --workdir` on the demo config's model after 300 steps of training."""
+  import subprocess
+  import sys
+
+  from conftest import ROOT, subprocess_env
+  wd = str(tmp_path / "demo")
+  subprocess.run([sys.executable, "-m", "mmar_jax", "train", "--config", os.path.join(ROOT, "configs/demo.py"),
+                  "--workdir", wd, "--config.steps=300", "--config.eval.at_end=false"],
+                 cwd=ROOT, env=subprocess_env(TQDM_DISABLE="1"), check=True, capture_output=True, timeout=1800)
+  result = checks.check_torch_parity(workdir=wd)
+  print(result)
+  assert result.status == "pass", result

@@ -1,4 +1,5 @@
-"""`mmar-jax generate` and `mmar-jax caption`: sampling from a training workdir.
+"""`mmar-jax generate` and `mmar-jax caption`: sampling from a training workdir (one prompt or
+picture here; many per process start with `--prompts` / `--images`: sample_files.py).
 
 Both read the stored config (WORKDIR/config.json), the workdir's tokenizer and, by default, the
 EMA weights of the latest checkpoint; `--step` and `--params raw` choose others. The model runs
@@ -14,8 +15,14 @@ import time
 def add_generate_args(p):
   p.add_argument("--workdir", required=True)
   p.add_argument("--prompt", default=None, help="caption to draw (none: unconditional)")
-  p.add_argument("--out", required=True, help="PNG; with --num > 1 a grid, singles beside it")
+  p.add_argument("--out", default=None, help="PNG; with --num > 1 a grid, singles beside it")
   p.add_argument("--num", type=int, default=1, help="images to draw")
+  p.add_argument("--prompts", default=None,
+                 help="many prompts: a text file (one a line) or JSONL; with --out-dir")
+  p.add_argument("--prompt-key", default="caption", help="the prompt's key in a JSONL --prompts")
+  p.add_argument("--out-dir", default=None, help="with --prompts: PNGs and index.jsonl")
+  p.add_argument("--num-per-prompt", type=int, default=1, help="with --prompts: draws per prompt")
+  p.add_argument("--batch-size", type=int, default=8, help="with --prompts: images per batch")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
   p.add_argument("--cfg-schedule", default="linear", choices=("linear", "constant"))
@@ -29,7 +36,12 @@ def add_generate_args(p):
 
 def add_caption_args(p):
   p.add_argument("--workdir", required=True)
-  p.add_argument("--image", required=True, help="picture file (resized and centre-cropped)")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--image", help="picture file (resized and centre-cropped)")
+  src.add_argument("--images", help="many pictures: a folder, a glob or a JSONL (`image` key); "
+                                    "with --out")
+  p.add_argument("--out", default=None, help="with --images: the captions, one JSON line each")
+  p.add_argument("--batch-size", type=int, default=8, help="with --images: pictures per batch")
   p.add_argument("--question", default=None, help="a question about the image (VQA)")
   p.add_argument("--max-tokens", type=int, default=64)
   p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: greedy)")
@@ -55,6 +67,15 @@ def cli_generate(args) -> int:
 
   from mmar_jax.sample import image as gen
   from mmar_jax.sample import io as sio
+  many = args.prompts is not None
+  if many != (args.out_dir is not None) or many == (args.out is not None):
+    print("mmar-jax: error: give --out (one prompt), or --prompts with --out-dir", file=sys.stderr)
+    return 2
+  if many:
+    from mmar_jax.commands.sample_files import cli_generate_files, read_prompts
+    read_prompts(args.prompts, args.prompt_key)  # a bad file fails before the (slow) model load
+    run, model, step = _open(args)
+    return cli_generate_files(args, run, model, step)
   if args.num < 1:
     print(f"mmar-jax: error: --num must be >= 1, got {args.num}", file=sys.stderr)
     return 2
@@ -82,6 +103,14 @@ def cli_caption(args) -> int:
 
   from mmar_jax.sample import io as sio
   from mmar_jax.sample import text as txt
+  if args.images is not None:
+    from mmar_jax.commands.sample_files import cli_caption_files, image_inputs
+    if not args.out:
+      print("mmar-jax: error: --images needs --out FILE.jsonl", file=sys.stderr)
+      return 2
+    image_inputs(args.images, args.question)  # before the (slow) model load
+    run, model, _ = _open(args)
+    return cli_caption_files(args, run, model)
   if not epath.Path(args.image).exists():  # before the (slow) model load
     raise FileNotFoundError(f"image not found: {args.image}")
   run, model, _ = _open(args)

@@ -25,9 +25,10 @@ each step samples M rows per image (the surplus rows are dropped), not N. When K
 schedule reaches one masked position before the last step and then holds it (MAR's `max(1, .)`
 wins over `< masked`): those steps fill in nothing, and the last one fills in the rest.
 
-Randomness: sample b of a batch uses fold_in(key, b) (so a sample does not depend on the batch
-it is generated in); its order comes from fold_in(that, 0), and the diffusion noise of image
-position p from fold_in(fold_in(that, 1), p), each position being sampled exactly once. So the
+Randomness: sample b of a batch uses fold_in(key, b), or its own key when one key per sample is
+given (so a sample does not depend on the batch it is generated in); its order comes from
+fold_in(that, 0), and the diffusion noise of image position p from fold_in(fold_in(that, 1), p),
+each position being sampled exactly once. So the
 unguided program gives the tokens of the guided one at cfg = 1 (within rounding: the backbone
 then runs on twice the rows).
 """
@@ -108,8 +109,13 @@ def cfg_scales(cfg, n: int, steps: int, schedule: str) -> jax.Array:
 
 def sample_keys(key: jax.Array, batch: int, n: int) -> tuple[jax.Array, jax.Array]:
   """(orders int [B, N]: a random permutation per sample, token_keys [B, N]: the diffusion key of
-  each image position)."""
-  per_sample = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
+  each image position). `key`: one key (sample b's is fold_in(key, b)) or one key per sample."""
+  if key.ndim == 1:
+    if key.shape[0] != batch:
+      raise ValueError(f"{key.shape[0]} keys for a batch of {batch}")
+    per_sample = key
+  else:
+    per_sample = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
   orders = jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, 0), n))(per_sample)
   positions = jnp.arange(n)
   token_keys = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, (None, 0))(

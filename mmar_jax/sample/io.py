@@ -1,9 +1,8 @@
 """Pictures in and out of the sampling commands.
 
 PNGs are written with deterministic bytes (no timestamp, no text chunks, fixed compression), so
-the same arguments give byte-identical files, and atomically (a temporary file renamed into
-place), so an interrupted run never leaves half a picture. Paths go through etils.epath (gs://
-works); local writes use a temporary file in the same directory and os.replace.
+the same arguments give byte-identical files, and atomically (files.write_bytes_atomic), so an
+interrupted run never leaves half a picture. Paths go through etils.epath (gs:// works).
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ from typing import Sequence
 import numpy as np
 from etils import epath
 
+from mmar_jax.files import write_bytes_atomic
+
 
 def png_bytes(image: np.ndarray) -> bytes:
   """uint8 [H, W, 3] -> PNG bytes, with nothing in them but the pixels."""
@@ -26,17 +27,6 @@ def png_bytes(image: np.ndarray) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(arr, "RGB").save(buf, format="PNG", optimize=False, compress_level=6)
   return buf.getvalue()
-
-
-def write_bytes_atomic(path, data: bytes) -> None:
-  p = epath.Path(path)
-  if "://" in os.fspath(path):
-    p.write_bytes(data)
-    return
-  p.parent.mkdir(parents=True, exist_ok=True)
-  tmp = p.parent / f".{p.name}.tmp{os.getpid()}"
-  tmp.write_bytes(data)
-  os.replace(tmp, p)
 
 
 def save_png(path, image: np.ndarray) -> None:
