@@ -19,6 +19,8 @@ from typing import Iterator
 import jax
 from etils import epath
 
+from mmar_jax.errors import InputError
+
 
 @contextlib.contextmanager
 def atomic_output(out: str, overwrite: bool = False, is_dir: bool = True) -> Iterator[str]:
@@ -123,3 +125,26 @@ def load_params(directory: str, target=None, sharding=None) -> dict:
                           param_metadata(directory))
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(path, target)
+
+
+def jsonl_records(path, what: str = "file", required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+  """(line number, record) of every non-empty line of a JSONL file; a line that is not a JSON
+  object, or lacks a `required` key, is an InputError naming the file and line."""
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"{what} not found: {path}")
+  out = []
+  for n, line in enumerate(p.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+      raise InputError(f"{path}:{n}: not a JSON object")
+    missing = [k for k in required if k not in record]
+    if missing:
+      raise InputError(f"{path}:{n}: no {missing[0]!r} key")
+    out.append((n, record))
+  return out

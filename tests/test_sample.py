@@ -470,3 +470,20 @@ def test_caption_many_pictures_skips_the_unreadable(workdir, tmp_path, capsys):
     capsys.readouterr()
     assert _cli("caption", "--workdir", workdir, "--image", r["image"], "--max-tokens", 5) == 0
     assert capsys.readouterr().out.strip() == r["caption"].strip()
+
+
+def test_prompt_and_picture_lists(tmp_path):
+  from mmar_jax.commands.sample_files import image_inputs, read_prompts
+  from mmar_jax.errors import InputError
+  (tmp_path / "p.jsonl").write_text('{"caption": "a red square"}\n\n{"text": "x", "caption": "b"}\n')
+  assert read_prompts(str(tmp_path / "p.jsonl")) == ["a red square", "b"]
+  with pytest.raises(InputError, match=r"p.jsonl:1: no 'text' key.*--prompt-key"):
+    read_prompts(str(tmp_path / "p.jsonl"), "text")
+  (tmp_path / "i.jsonl").write_text('{"image": "a.png", "question": "what?"}\n{"image": "b.png"}\nnot json\n')
+  with pytest.raises(InputError, match="i.jsonl:3: not JSON"):
+    image_inputs(str(tmp_path / "i.jsonl"), None)
+  (tmp_path / "i.jsonl").write_text('{"image": "a.png", "question": "what?"}\n{"image": "b.png"}\n')
+  assert image_inputs(str(tmp_path / "i.jsonl"), "q") == [(str(tmp_path / "a.png"), "what?"),
+                                                           (str(tmp_path / "b.png"), "q")]
+  with pytest.raises(FileNotFoundError, match="no pictures"):
+    image_inputs(str(tmp_path / "*.png"), None)

@@ -38,42 +38,25 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 def read_prompts(path: str, key: str = "caption") -> list[str]:
   """Prompts of a text file (one a line) or a JSONL file (`key` of each record)."""
+  from mmar_jax.files import jsonl_records
+  if path.endswith(".jsonl"):
+    try:
+      return [str(r[key]) for _, r in jsonl_records(path, "prompts file", (key,))]
+    except InputError as e:
+      raise InputError(f"{e} (the prompt key is --prompt-key)") from None
   p = epath.Path(path)
   if not p.exists():
     raise FileNotFoundError(f"prompts file not found: {path}")
-  lines = p.read_text().splitlines()
-  if not path.endswith(".jsonl"):
-    return [line.strip() for line in lines]
-  prompts = []
-  for n, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
-    if key not in record:
-      raise InputError(f"{path}:{n}: no {key!r} key (pass --prompt-key)")
-    prompts.append(str(record[key]))
-  return prompts
+  return [line.strip() for line in p.read_text().splitlines()]
 
 
 def image_inputs(spec: str, question: str | None) -> list[tuple[str, str | None]]:
   """(path, question) of every picture a folder, a glob or a JSONL names."""
   if spec.endswith(".jsonl"):
-    if not os.path.isfile(spec):
-      raise FileNotFoundError(f"images file not found: {spec}")
-    base, out = os.path.dirname(spec), []
-    for n, line in enumerate(open(spec), 1):
-      if line.strip():
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise InputError(f"{spec}:{n}: not JSON ({e.msg})") from None
-        if "image" not in record:
-          raise InputError(f"{spec}:{n}: no 'image' key")
-        out.append((os.path.join(base, record["image"]), record.get("question", question)))
-    return out
+    from mmar_jax.files import jsonl_records
+    base = os.path.dirname(spec)
+    return [(os.path.join(base, r["image"]), r.get("question", question))
+            for _, r in jsonl_records(spec, "images file", ("image",))]
   if os.path.isdir(spec):
     paths = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_SUFFIXES))
   else:

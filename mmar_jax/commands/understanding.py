@@ -47,19 +47,9 @@ def normalise(text: str) -> str:
 
 
 def read_records(path: str) -> list[dict]:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"benchmark file not found: {path}")
+  from mmar_jax.files import jsonl_records
   base, records = os.path.dirname(path), []
-  for n, line in enumerate(open(path), 1):
-    if not line.strip():
-      continue
-    try:
-      r = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
-    for key in ("image", "answer"):
-      if key not in r:
-        raise InputError(f"{path}:{n}: no {key!r} key")
+  for n, r in jsonl_records(path, "benchmark file", ("image", "answer")):
     if "choices" in r and (not isinstance(r["choices"], list) or len(r["choices"]) < 2):
       raise InputError(f"{path}:{n}: 'choices' must be a list of at least two texts")
     r = dict(r, line=n, image=os.path.join(base, r["image"]), question=r.get("question") or "")
