@@ -2,7 +2,8 @@
 and the same prepared batch, its random draws made once by JAX and fed to both.
 
 Compared, in fp32: the text logits at every text-target position and the diffusion head's outputs
-at every head row (max |difference| / max |JAX value|), the text and image losses (relative), the
+at every head row (max |difference| / max |JAX value|), the text and image losses (relative; below
+0.1 absolute, see LOSS_FLOOR), the
 gradient norm of each top-level module (backbone, vit, projector, head; relative), masked-AR
 generation with guidance from the same orders and diffusion noise (max |difference| of the image
 tokens), and greedy captions (identical ids). The batch holds all three sample kinds, padding, a
@@ -63,9 +64,16 @@ def _batch(config, tokenizer, mcfg, size: int = 8):
   return batcher.local_batch(0)
 
 
-def _rel(a, b) -> float:
+def _rel(a, b, floor: float = 1e-30) -> float:
+  """max |a - b| / max |b| (at least `floor`)."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), floor))
+
+
+# A trained model's text loss can be ~1e-5 nats: a mean of (logsumexp - logit) differences of ~10-nat
+# fp32 numbers, whose rounding (~1e-7 each) is then a large fraction of it. Below this floor the
+# losses are compared in absolute terms.
+LOSS_FLOOR = 0.1
 
 
 def _torch_model(mcfg, params, tokenizer, perturb):
@@ -181,7 +189,7 @@ def compare(ref: dict, perturb: str | None = None, log=print) -> dict:
   result = dict(
       logits=_rel(logits, ref["logits"]) if same_targets else float("inf"),
       head=_rel(head, ref["head"]),
-      losses=max(_rel(float(parts[k].detach()), ref["losses"][k]) for k in ref["losses"]),
+      losses=max(_rel(float(parts[k].detach()), ref["losses"][k], LOSS_FLOOR) for k in ref["losses"]),
       grad_norms=max(_rel(norms[k], ref["grad_norms"][k]) for k in ref["grad_norms"]),
       tokens=float(np.max(np.abs(tokens.numpy() - ref["tokens"]))))
   if "images" in ref:
