@@ -6,10 +6,11 @@ file (one a line; an empty line is an unconditional prompt) or JSONL (`--prompt-
 fold_in(fold_in(key(seed), i), k): one key per image, so its pixels do not depend on the batch it
 is drawn in, on the batch size or on the device count. Batches run on the run's mesh (the batch
 split over the data axis) at one static shape (the last batch is padded with repeats, whose
-results are dropped). With several processes, image j of the list is process j % P's. A file
-already there is not drawn again, so re-running the command resumes after a preemption; every
+results are dropped). One process (a multi-process run is refused: its processes would have to
+agree on the batches, and a per-host output folder cannot tell them). A file already there is
+not drawn again, so re-running the command resumes after a preemption; every
 PNG is written atomically. `DIR/index.jsonl` (file, prompt, prompt_index, draw, seed), rewritten
-atomically at the end by process 0, lists every image of the command.
+atomically at the end, lists every image of the command.
 
 `caption --images DIR|GLOB|JSONL --out FILE.jsonl [--question TEXT] [--batch-size B]`: every
 picture of a folder (sorted), of a glob, or of a JSONL's `image` key (relative to the file; a
@@ -29,7 +30,7 @@ import time
 import numpy as np
 from etils import epath
 
-from mmar_jax.errors import InputError
+from mmar_jax.errors import ConfigError, InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -84,9 +85,11 @@ def generate_files(run, model, prompts: list[str], out_dir: str, *, num_per_prom
   from mmar_jax.sample.io import png_bytes
   out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
+  if jax.process_count() > 1:
+    raise ConfigError("generate --prompts runs in one process (this run has "
+                      f"{jax.process_count()}): start one per host, each with its own --prompts share")
   items = [(i, k) for i in range(len(prompts)) for k in range(num_per_prompt)]
-  mine = items[jax.process_index()::jax.process_count()]
-  todo = [it for it in mine if not (out / image_name(*it)).exists()]
+  todo = [it for it in items if not (out / image_name(*it)).exists()]
   root = jax.random.key(seed)
   mc = run.model_cfg
   guidance = float(sampling.get("cfg", 4.0)) != 1.0 and any(prompts[i] for i, _ in todo)
@@ -105,11 +108,10 @@ def generate_files(run, model, prompts: list[str], out_dir: str, *, num_per_prom
       bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - t0):.2f}")
   bar.close()
   seconds = time.perf_counter() - t0
-  if jax.process_index() == 0:
-    index = "".join(json.dumps(dict(file=image_name(i, k), prompt=prompts[i], prompt_index=i, draw=k,
-                                    seed=seed)) + "\n" for i, k in items)
-    write_bytes_atomic(out / "index.jsonl", index.encode())
-  return dict(images=len(items), drawn=len(todo), skipped=len(mine) - len(todo), seconds=seconds,
+  index = "".join(json.dumps(dict(file=image_name(i, k), prompt=prompts[i], prompt_index=i, draw=k,
+                                  seed=seed)) + "\n" for i, k in items)
+  write_bytes_atomic(out / "index.jsonl", index.encode())
+  return dict(images=len(items), drawn=len(todo), skipped=len(items) - len(todo), seconds=seconds,
               images_per_s=len(todo) / seconds if todo else None)
 
 
