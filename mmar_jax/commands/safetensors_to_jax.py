@@ -44,27 +44,8 @@ def add_args(p):
 
 def read_export_config(src: str) -> dict:
   """mmar_config.json of a jax-to-safetensors output, with the keys the way back needs."""
-  from mmar_jax.convert.whole_model import CONFIG_FILE, FORMAT
-  from mmar_jax.errors import ConversionError
-  path = os.path.join(src, CONFIG_FILE)
-  if not os.path.isdir(src):
-    raise ConversionError(f"--src {src}: directory not found")
-  if not os.path.isfile(path):
-    raise ConversionError(f"--src {src} has no {CONFIG_FILE} (not a jax-to-safetensors output?)")
-  try:
-    with open(path) as f:
-      cfg = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ConversionError(f"{path} is not valid JSON: {e}") from None
-  if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-    raise ConversionError(f"{path}: format {cfg.get('format') if isinstance(cfg, dict) else None!r}"
-                          f", expected {FORMAT!r}")
-  for key in ("model", "step", "run_config"):
-    if key not in cfg:
-      raise ConversionError(f"{path} has no {key!r}"
-                            + (": it was written before jax-to-safetensors recorded the run's "
-                               "training config; export the run again" if key == "run_config" else ""))
-  return cfg
+  from mmar_jax.convert.whole_model import read_export_config as read
+  return read(src, ("model", "step", "run_config"))
 
 
 def train_state(config, mcfg, params: dict, step: int) -> dict:

@@ -286,6 +286,31 @@ def params_from_tensors(get: Callable[[str], np.ndarray], names: Iterable[str], 
   return params
 
 
+def read_export_config(src: str, required: tuple[str, ...] = ("model",)) -> dict:
+  """mmar_config.json of a jax-to-safetensors output (this FORMAT, with the `required` keys); what
+  is wrong is a ConversionError naming the file."""
+  import os
+  path = os.path.join(src, CONFIG_FILE)
+  if not os.path.isdir(src):
+    raise ConversionError(f"{src}: directory not found")
+  if not os.path.isfile(path):
+    raise ConversionError(f"{src} has no {CONFIG_FILE} (not a jax-to-safetensors output?)")
+  try:
+    with open(path) as f:
+      cfg = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"{path} is not valid JSON: {e}") from None
+  if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+    raise ConversionError(f"{path}: format {cfg.get('format') if isinstance(cfg, dict) else None!r}"
+                          f", expected {FORMAT!r}")
+  for key in required:
+    if key not in cfg:
+      raise ConversionError(f"{path} has no {key!r}"
+                            + (": it was written before jax-to-safetensors recorded the run's "
+                               "training config; export the run again" if key == "run_config" else ""))
+  return cfg
+
+
 def check_model_config(recorded: dict, mcfg, where: str = CONFIG_FILE):
   """Refuses a recorded model config (mmar_config.json's `model`) that differs from the model of
   the run it is imported into, naming the keys."""

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmar_jax.convert.whole_model import CONFIG_FILE, FORMAT
+from mmar_jax.convert.whole_model import CONFIG_FILE
 from mmar_jax.diffusion import schedule as sched_lib
 from mmar_jax.errors import ConversionError
 from mmar_jax.pytorch.modules import DiffLoss, EmbeddingViT, VisProjector, patchify, unpatchify
@@ -406,14 +406,9 @@ class MMAR(nn.Module):
     present, tokenizer/. Every tensor of the model must be there with its shape, and nothing
     else: the error names the first that is not. The model takes the files' dtype (or `dtype`)."""
     from mmar_jax.convert import safetensors_io as sio
+    from mmar_jax.convert.whole_model import read_export_config
+    meta = read_export_config(directory)
     path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}: not a `convert "
-                              f"jax-to-safetensors` output")
-    with open(path) as f:
-      meta = json.load(f)
-    if meta.get("format") != FORMAT:
-      raise ConversionError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     config = resolved_config(meta["model"], path)
     tokenizer = None
     if os.path.isdir(os.path.join(directory, "tokenizer")):
