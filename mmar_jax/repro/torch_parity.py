@@ -180,7 +180,7 @@ def compare(ref: dict, perturb: str | None = None, log=print) -> dict:
     z = hidden.gather(1, lay["image_seq"][..., None].expand(-1, -1, hidden.shape[-1]))
     z = z.reshape(b * n, -1).repeat(mul, 1)
     t = prep["t"].movedim(2, 0).reshape(-1).long()
-    head = tm.head(torch.from_numpy(ref["x_t"]), t, z, torch.arange(n).repeat(b * mul)).numpy()
+    head = tm.head(torch.from_numpy(np.array(ref["x_t"])), t, z, torch.arange(n).repeat(b * mul)).numpy()
     logits = tm.backbone.lm_head(hidden[valid]).numpy() if same_targets else None
     tokens = tm.generate_tokens(torch.from_numpy(ref["text"]).long(),
                                 torch.from_numpy(ref["text_len"]).long(),
