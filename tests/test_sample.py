@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
+from mmar_jax.data.text_tokenizer import encode_prompts, encode_questions
 from mmar_jax.diffusion import samplers
 from mmar_jax.models import sequence
 from mmar_jax.models.mmar import MMAR
@@ -56,7 +57,7 @@ def model(tiny_mcfg):
 
 @pytest.fixture(scope="module")
 def prompts(tiny_mcfg, bytes_tokenizer):
-  return gen.encode_prompts(bytes_tokenizer, PROMPTS, tiny_mcfg.max_text_len)
+  return encode_prompts(bytes_tokenizer, PROMPTS, tiny_mcfg.max_text_len)
 
 
 def _run(model, prompts, key=0, **kw):
@@ -237,7 +238,7 @@ def test_images_and_unconditional_api(model, bytes_tokenizer, tiny_mcfg):
 def caption_inputs(bytes_tokenizer, tiny_mcfg):
   size = tiny_mcfg.image["size"]
   images = np.random.default_rng(0).uniform(-1, 1, (B, size, size, 3)).astype(np.float32)
-  q, q_len = txt.encode_questions(bytes_tokenizer, ["what colour?", None], B)
+  q, q_len = encode_questions(bytes_tokenizer, ["what colour?", None], B)
   return images, q, q_len
 
 

@@ -81,7 +81,8 @@ def generate_files(run, model, prompts: list[str], out_dir: str, *, num_per_prom
   from tqdm import tqdm
 
   from mmar_jax.files import write_bytes_atomic
-  from mmar_jax.sample.image import encode_prompts, generate_tokens, tokens_to_images
+  from mmar_jax.data.text_tokenizer import encode_prompts
+  from mmar_jax.sample.image import generate_tokens, tokens_to_images
   from mmar_jax.sample.io import png_bytes
   out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,8 @@ def generate_files(run, model, prompts: list[str], out_dir: str, *, num_per_prom
   todo = [it for it in items if not (out / image_name(*it)).exists()]
   root = jax.random.key(seed)
   mc = run.model_cfg
-  guidance = float(sampling.get("cfg", 4.0)) != 1.0 and any(prompts[i] for i, _ in todo)
+  # From the whole list, not what is left: a resumed run draws its images as the first run did.
+  guidance = float(sampling.get("cfg", 4.0)) != 1.0 and any(prompts)
   t0, bar = time.perf_counter(), tqdm(total=len(todo), unit="img", disable=not progress or not todo)
   with run.context():
     for start in range(0, len(todo), batch_size):

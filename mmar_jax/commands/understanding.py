@@ -111,6 +111,7 @@ def _log_likelihood(graphdef, state, tokens, text, text_len, start, length):
 
 
 def choice_log_likelihoods(model, tokens, text, text_len, start, length) -> np.ndarray:
+  """`_log_likelihood` of an MMAR module or (graphdef, state)."""
   from mmar_jax.sample.image import split_model
   graphdef, state = split_model(model)
   return np.asarray(_log_likelihood(graphdef, state, jnp.asarray(tokens), jnp.asarray(text),
@@ -119,6 +120,7 @@ def choice_log_likelihoods(model, tokens, text, text_len, start, length) -> np.n
 
 def score(run, model, records: list[dict], *, batch_size: int = 16, max_tokens: int | None = None) -> dict:
   """Predictions for every record and the summary (module docstring)."""
+  from mmar_jax.sample.image import split_model
   from mmar_jax.sample.io import load_image
   from mmar_jax.sample.text import caption_images
   mc = run.model_cfg
@@ -134,6 +136,7 @@ def score(run, model, records: list[dict], *, batch_size: int = 16, max_tokens: 
   usable = [r for r in records if r["image"] in images]
   with run.context():
     tokens_of = jax.jit(lambda ims: model.image_tokenizer.encode(ims)[0])
+    parts = split_model(model)  # once, not per batch
     rows = []  # (record, choice index, text row...)
     for r in (r for r in usable if "choices" in r):
       text, lens, starts, spans = choice_rows(run.tokenizer, r["question"], r["choices"], mc.max_text_len,
@@ -143,7 +146,7 @@ def score(run, model, records: list[dict], *, batch_size: int = 16, max_tokens: 
       chunk = rows[s:s + batch_size]
       padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
       toks = tokens_of(jnp.asarray(np.stack([images[row[0]["image"]] for row in padded])))
-      ll = choice_log_likelihoods(model, toks, *(np.stack([row[i] for row in padded]) for i in (2, 3, 4, 5)))
+      ll = choice_log_likelihoods(parts, toks, *(np.stack([row[i] for row in padded]) for i in (2, 3, 4, 5)))
       for (r, k, *_), value in zip(chunk, ll):
         r.setdefault("log_likelihoods", [None] * len(r["choices"]))[k] = float(value)
     opened = [r for r in usable if "choices" not in r]

@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from typing import Iterable, Iterator
 
+import numpy as np
+
 MANIFEST = "mmar_tokenizer.json"  # what kind of tokenizer a saved directory holds
 
 
@@ -195,3 +197,36 @@ def _staging_dir(directory: str) -> Iterator[str]:
           (dest / name).write_bytes(f.read())
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- text as the model lays it out -----------------------------------------------------------
+
+def encode_prompts(tokenizer, prompts, max_text_len: int):
+  """Captions -> (text int32 [B, Lt], text_len [B]) as training lays them out: the tokens, EOS,
+  truncated to Lt (EOS kept last). None or "" is the empty caption (unconditional)."""
+  text = np.full((len(prompts), max_text_len), tokenizer.pad_id, np.int32)
+  lens = np.zeros((len(prompts),), np.int32)
+  for i, p in enumerate(prompts):
+    if not p:
+      continue
+    ids = list(tokenizer.encode(p)) + [tokenizer.eos_id]
+    if len(ids) > max_text_len:
+      ids = ids[:max_text_len - 1] + [tokenizer.eos_id]
+    text[i, :len(ids)] = ids
+    lens[i] = len(ids)
+  return text, lens
+
+
+def encode_questions(tokenizer, questions, batch: int):
+  """Question texts (one, a list, or None) -> (ids int32 [B, Q], lengths [B]); no EOS (the answer
+  continues the text). Q is at least 1 so the shapes stay simple."""
+  if questions is None or isinstance(questions, str):
+    questions = [questions] * batch
+  if len(questions) != batch:
+    raise ValueError(f"{len(questions)} questions for {batch} images")
+  encoded = [list(tokenizer.encode(q)) if q else [] for q in questions]
+  q = max([1] + [len(e) for e in encoded])
+  ids = np.full((batch, q), tokenizer.pad_id, np.int32)
+  for i, e in enumerate(encoded):
+    ids[i, :len(e)] = e
+  return ids, np.asarray([len(e) for e in encoded], np.int32)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmar_jax.convert.whole_model import CONFIG_FILE
+from mmar_jax.data.text_tokenizer import encode_prompts, encode_questions
 from mmar_jax.diffusion import schedule as sched_lib
 from mmar_jax.errors import ConversionError
 from mmar_jax.pytorch.modules import DiffLoss, EmbeddingViT, VisProjector, patchify, unpatchify
@@ -230,19 +231,6 @@ class MMAR(nn.Module):
 
   # -- sampling -------------------------------------------------------------------------------------
 
-  def encode_prompts(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
-    """Captions as training lays them out: tokens, EOS, at most Lt (EOS kept last); None or ""
-    is the empty caption."""
-    tok = self._tokenizer()
-    text = torch.full((len(prompts), self.lt), tok.pad_id, dtype=torch.long)
-    lens = torch.zeros(len(prompts), dtype=torch.long)
-    for r, p in enumerate(prompts):
-      if p:
-        ids = list(tok.encode(p)) + [tok.eos_id]
-        ids = ids if len(ids) <= self.lt else ids[:self.lt - 1] + [tok.eos_id]
-        text[r, :len(ids)], lens[r] = torch.tensor(ids), len(ids)
-    return text, lens
-
   @torch.no_grad()
   def generate_tokens(self, text, text_len, *, ar_steps: int = 64, diffusion_steps: int = 100,
                       cfg: float = 4.0, cfg_schedule: str = "linear", temperature: float = 1.0,
@@ -319,7 +307,8 @@ class MMAR(nn.Module):
   def generate(self, prompts, **kw) -> np.ndarray:
     """uint8 images [B, H, W, 3] for captions (None or "": unconditional); `generate_tokens`'s
     keywords."""
-    text, lens = self.encode_prompts(list(prompts))
+    text, lens = encode_prompts(self._tokenizer(), list(prompts), self.lt)
+    text, lens = torch.from_numpy(text).long(), torch.from_numpy(lens).long()
     images = self.decode_tokens(self.generate_tokens(text, lens, **kw))
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
@@ -381,11 +370,8 @@ class MMAR(nn.Module):
       images = images.float() / 127.5 - 1.0
     tok = self._tokenizer()
     b = images.shape[0]
-    qids = list(tok.encode(question)) if question else []
-    qt = torch.full((b, max(1, len(qids))), tok.pad_id, dtype=torch.long)
-    if qids:
-      qt[:, :len(qids)] = torch.tensor(qids)
-    ids = self.caption_ids(images, qt, torch.full((b,), len(qids), dtype=torch.long), max_tokens)
+    q, q_len = encode_questions(tok, question, b)
+    ids = self.caption_ids(images, torch.from_numpy(q).long(), torch.from_numpy(q_len).long(), max_tokens)
     texts = []
     for row in ids.tolist():
       row = row[:row.index(self.config["eos_id"])] if self.config["eos_id"] in row else row
@@ -419,8 +405,7 @@ class MMAR(nn.Module):
     with sio.CheckpointDir(directory) as ckpt:
       state = load_checked(model, {name: ckpt.get(name) for name in ckpt.keys()}, directory)
     model.load_state_dict(state, strict=False)  # strictness checked above (a tied lm_head)
-    if dtype is not None or state:
-      model.to(dtype or next(iter(state.values())).dtype)
+    model.to(dtype or next(iter(state.values())).dtype)
     return model.eval()
 
   def save_pretrained(self, directory: str, overwrite: bool = False) -> None:

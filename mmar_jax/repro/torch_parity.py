@@ -104,7 +104,8 @@ def reference(workdir=None, config=None) -> dict:
   from mmar_jax.models import sequence
   from mmar_jax.models.mmar import MMAR, combine
   from mmar_jax.sample.image import generate_tokens, sample_keys, typed_key
-  from mmar_jax.sample.text import caption_tokens, encode_questions
+  from mmar_jax.data.text_tokenizer import encode_questions
+  from mmar_jax.sample.text import caption_tokens
   t0 = time.perf_counter()
   config, tokenizer, mcfg, params = _setup(workdir, config)
   graphdef = nnx.split(nnx.eval_shape(lambda: MMAR(mcfg, rngs=nnx.Rngs(0))))[0]

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmar_jax.data.text_tokenizer import encode_prompts
 from mmar_jax.diffusion import samplers
 
 CFG_SCHEDULES = ("linear", "constant")
@@ -144,22 +145,6 @@ def image_ids(text_len: jax.Array, n: int, per_token: bool):
   blocks = jnp.broadcast_to(start, (text_len.shape[0], n))
   positions = start + jnp.arange(n)[None, :] if per_token else blocks
   return positions, jnp.ones_like(blocks), blocks
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str | None], max_text_len: int):
-  """Captions -> (text int32 [B, Lt], text_len [B]) as training lays them out: the tokens, EOS,
-  truncated to Lt (EOS kept last). None or "" is the empty caption (unconditional)."""
-  text = np.full((len(prompts), max_text_len), tokenizer.pad_id, np.int32)
-  lens = np.zeros((len(prompts),), np.int32)
-  for i, p in enumerate(prompts):
-    if not p:
-      continue
-    ids = list(tokenizer.encode(p)) + [tokenizer.eos_id]
-    if len(ids) > max_text_len:
-      ids = ids[:max_text_len - 1] + [tokenizer.eos_id]
-    text[i, :len(ids)] = ids
-    lens[i] = len(ids)
-  return text, lens
 
 
 # -- the program -----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmar_jax.data.text_tokenizer import encode_questions
 from mmar_jax.models.qwen2 import text_structure
 from mmar_jax.models.sequence import IMAGE_TOKEN
 
@@ -157,21 +158,6 @@ def _caption(graphdef, state, images, question, question_len, key, top_p, eos_id
   out, passes = decode(model.backbone, hidden, cache, pos, blk, choose, max_new=max_tokens,
                        eos_id=eos_id, pad_id=pad_id)
   return out, dict(backbone_passes=passes, prefix_len=jnp.asarray(p, jnp.int32))
-
-
-def encode_questions(tokenizer, questions, batch: int):
-  """Question texts (one, a list, or None) -> (ids int32 [B, Q], lengths [B]); no EOS (the answer
-  continues the text). Q is at least 1 so the shapes stay simple."""
-  if questions is None or isinstance(questions, str):
-    questions = [questions] * batch
-  if len(questions) != batch:
-    raise ValueError(f"{len(questions)} questions for {batch} images")
-  encoded = [list(tokenizer.encode(q)) if q else [] for q in questions]
-  q = max([1] + [len(e) for e in encoded])
-  ids = np.full((batch, q), tokenizer.pad_id, np.int32)
-  for i, e in enumerate(encoded):
-    ids[i, :len(e)] = e
-  return ids, np.asarray([len(e) for e in encoded], np.int32)
 
 
 def caption_tokens(model, images, question, question_len, key=None, *, max_tokens: int = 64,
