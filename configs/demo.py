@@ -7,7 +7,7 @@ from mmar_jax.defaults import base_config
 def get_config(arg=None):
   del arg
   c = base_config()
-  c.steps = 3500
+  c.steps = 2500  # training plus evaluation 14m36s on a 2-core AVX2 CPU (README)
   c.mesh = "1,1,1"
   c.model.compute_dtype = "float32"  # XLA:CPU is no faster in bf16
   c.model.head.compute_dtype = "float32"
@@ -20,6 +20,14 @@ def get_config(arg=None):
   c.model.backbone.intermediate_size = 256
   c.model.vit.width = 64
   c.model.vit.layers = 2
+  # The image block shares one RoPE position, so where a token sits reaches the LLM only through
+  # the ViT's position embedding. From MAR's N(0, 0.02) start, whether a run learns positions is
+  # chance at this size: of four runs, two (a wider ViT; more unconditional data) drew shapes at
+  # chance positions (0.18 of held-out drawings placed right, chance 0.11). The 2D sine-cosine
+  # start learned them in all five runs that had it: captions named the position of 0.95-1.00 of
+  # the held-out pictures.
+  c.model.vit.pos_init = "sincos"
+  c.model.fuse_projections = True  # one q/k/v and one gate/up matmul: 7% faster here (no tensor axis)
   # The head's width bounds how exactly a 48-value patch is drawn: 256 vs 128 halved the final
   # diffusion loss (0.036 vs 0.069) and raised held-out shape accuracy of drawings 0.32 -> 0.50.
   c.model.head.width = 256

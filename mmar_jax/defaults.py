@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   vit.layers = 2
   vit.heads = 4
   vit.mlp_ratio = 4.0
-  vit.pos_init = "normal"  # normal (N(0, 0.02), MAR) | sincos (2D grid, MAE); sincos was worse on the demo
+  vit.pos_init = "normal"  # normal (N(0, 0.02), MAR) | sincos (2D grid, MAE; the demo uses it)
 
   m.head = h = ml_collections.ConfigDict()
   h.width = 128
