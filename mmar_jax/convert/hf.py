@@ -74,13 +74,15 @@ class Slot(NamedTuple):
 # -- config -----------------------------------------------------------------------------------------
 
 
-def read_hf_config_json(hf_dir: str) -> dict:
+def read_json_object(directory: str, name: str, hint: str = "") -> dict:
+  """The JSON object in `directory`/`name`; a missing directory or file, invalid JSON or a
+  non-object is a ConversionError naming it (`hint` is appended to the missing-file message)."""
   import json
-  path = os.path.join(hf_dir, "config.json")
-  if not os.path.isdir(hf_dir):
-    raise ConversionError(f"HuggingFace directory not found: {hf_dir}")
+  path = os.path.join(directory, name)
+  if not os.path.isdir(directory):
+    raise ConversionError(f"{directory}: directory not found")
   if not os.path.isfile(path):
-    raise ConversionError(f"{hf_dir} has no config.json")
+    raise ConversionError(f"{directory} has no {name}{hint}")
   try:
     with open(path) as fh:
       raw = json.load(fh)
@@ -89,6 +91,10 @@ def read_hf_config_json(hf_dir: str) -> dict:
   if not isinstance(raw, dict):
     raise ConversionError(f"{path} is not a JSON object")
   return raw
+
+
+def read_hf_config_json(hf_dir: str) -> dict:
+  return read_json_object(hf_dir, "config.json", " (not a HuggingFace model directory?)")
 
 
 def qwen2_config_from_hf(raw: dict, where: str = "config.json") -> Qwen2Config:

@@ -291,18 +291,9 @@ def read_export_config(src: str, required: tuple[str, ...] = ("model",)) -> dict
   is wrong is a ConversionError naming the file."""
   import os
   path = os.path.join(src, CONFIG_FILE)
-  if not os.path.isdir(src):
-    raise ConversionError(f"{src}: directory not found")
-  if not os.path.isfile(path):
-    raise ConversionError(f"{src} has no {CONFIG_FILE} (not a jax-to-safetensors output?)")
-  try:
-    with open(path) as f:
-      cfg = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ConversionError(f"{path} is not valid JSON: {e}") from None
-  if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-    raise ConversionError(f"{path}: format {cfg.get('format') if isinstance(cfg, dict) else None!r}"
-                          f", expected {FORMAT!r}")
+  cfg = hf.read_json_object(src, CONFIG_FILE, " (not a jax-to-safetensors output?)")
+  if cfg.get("format") != FORMAT:
+    raise ConversionError(f"{path}: format {cfg.get('format')!r}, expected {FORMAT!r}")
   for key in required:
     if key not in cfg:
       raise ConversionError(f"{path} has no {key!r}"
