@@ -23,6 +23,7 @@ def get_config(arg=None):
   b.intermediate_size = 704
   im = c.model.image
   im.kind, im.size, im.patch_size, im.channels, im.scale = "patchify", 8, 1, 16, 1.0
+  im.norm = "fixed"  # synthetic latents: no data to estimate token statistics from
   c.model.vit.width, c.model.vit.layers, c.model.vit.heads = 128, 2, 4
   c.model.head.width, c.model.head.depth, c.model.head.prediction = 256, 3, "v"
   c.model.max_text_len = 64

@@ -102,6 +102,17 @@ def _numerics_args(p):
   p.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
 
 
+def _context_args(p):
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", default=None, help="directory for context.json and context.png "
+                 "(default: WORKDIR/diagnose/context)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--params", default="ema", choices=("ema", "raw"))
+  p.add_argument("--batches", type=int, default=4, help="training batches measured (each at "
+                 "every visible count, captioned and unconditional)")
+  p.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
+
+
 # name -> (target, add_arguments, help)
 COMMANDS = {
     "train": ("mmar_jax.commands.train:cli_train", _train_args, "train, or resume when --workdir has checkpoints"),
@@ -189,6 +200,9 @@ EVAL = {
 DIAGNOSE = {
     "numerics": ("mmar_jax.commands.diagnose:cli_numerics", _numerics_args,
                  "bf16 error of eps / v / x0 parameterisations: table, numerics.json, plot"),
+    "context": ("mmar_jax.commands.diagnose_context:cli_context", _context_args,
+                "does the image block use the drawn tokens: masked loss by visible count, with "
+                "the LLM's or the ViT's context cut; attention shares; head vs nearest neighbour"),
 }
 
 # group -> (help, {name -> (target, add_arguments, help)}); a group's subcommand is `args.<group>`.

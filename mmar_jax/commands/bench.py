@@ -189,6 +189,8 @@ def cli_bench(args) -> int:
   from mmar_jax import config as config_lib
   config = config_lib.load_file(args.config)
   config_lib.apply_overrides(config, args.config_overrides)
+  from mmar_jax.data import token_stats
+  token_stats.shapes_only(config)
   runners = {"train": bench_train, "generate": bench_generate, "caption": bench_caption,
              "convert": bench_convert}
   result = runners[args.what](config, steps=args.steps)

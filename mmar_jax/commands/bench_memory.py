@@ -231,5 +231,7 @@ def memory_report(config, topology: str | None = None) -> dict:
 def cli_bench_memory(args) -> int:
   config = config_lib.load_file(args.config)
   config_lib.apply_overrides(config, args.config_overrides)
+  from mmar_jax.data import token_stats
+  token_stats.shapes_only(config)
   print(json.dumps(memory_report(config, args.topology)), flush=True)
   return 0

@@ -174,6 +174,8 @@ def cli_bench_torch(args) -> int:
   from mmar_jax import config as config_lib
   config = config_lib.load_file(args.config)
   config_lib.apply_overrides(config, args.config_overrides)
+  from mmar_jax.data import token_stats
+  token_stats.shapes_only(config)
   result = bench_torch_train(config, steps=args.steps, compile=args.compile, threads=args.threads,
                              gather=args.gather)
   print(json.dumps(result, sort_keys=True))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -159,6 +160,48 @@ class VAETokenizer(ImageTokenizer):
     grid = grid or square_grid(tokens.shape[1])
     z = unpatchify(tokens.astype(jnp.float32) / self.scale, self.patch_size, grid)
     return self.vae.decode(z)
+
+
+# -- normalisation ----------------------------------------------------------------------------------
+
+
+NORMS = ("data", "fixed")
+
+
+def token_norm(image) -> tuple[np.ndarray, np.ndarray] | None:
+  """(shift [C], scale [C]) of the image group's per-channel token normalisation, or None.
+
+  The diffusion schedule assumes tokens of about unit variance, and the ViT's input layer a centred
+  input. 'data': tokens become (token - shift) * scale with the mean and 1/std of each channel,
+  estimated from the training data when a run starts (data/token_stats.py) and stored in the run
+  config (`token_shift`, `token_scale`). 'fixed': only the tokenizer's own scalar `scale` (MAR's
+  0.2325 for KL-16, the 1/std of its ImageNet latents: the same idea fixed for one VAE and one data
+  set); nothing more here."""
+  norm = _get(image, "norm", "fixed")
+  if norm not in NORMS:
+    raise ValueError(f"unknown model.image.norm {norm!r}; use data or fixed")
+  if norm == "fixed":
+    return None
+  shift, scale = _get(image, "token_shift", ()), _get(image, "token_scale", ())
+  if not len(scale) or len(shift) != len(scale):
+    raise ValueError("model.image.norm=data needs model.image.token_shift and token_scale (one "
+                     f"value per token channel; got {len(shift)} and {len(scale)}): a new training "
+                     "run estimates them from its data source")
+  return np.asarray(shift, np.float32), np.asarray(scale, np.float32)
+
+
+def normalize(tokens: jax.Array, norm) -> jax.Array:
+  """Tokenizer space -> model space (what the ViT reads and the head draws)."""
+  if norm is None:
+    return tokens
+  return (tokens - norm[0]) * norm[1]
+
+
+def denormalize(tokens: jax.Array, norm) -> jax.Array:
+  """Model space -> tokenizer space (what the tokenizer decodes)."""
+  if norm is None:
+    return tokens
+  return tokens / norm[1] + norm[0]
 
 
 # -- factory ----------------------------------------------------------------------------------------

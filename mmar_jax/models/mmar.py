@@ -23,7 +23,8 @@ from mmar_jax.diffusion import parameterization, schedule
 from mmar_jax.dtypes import resolve_dtype
 from mmar_jax.models import sequence
 from mmar_jax.models.diffusion_head import DiffusionHead, HeadConfig
-from mmar_jax.models.image_tokenizer import make_image_tokenizer, sample_posterior, token_spec
+from mmar_jax.models.image_tokenizer import (denormalize, make_image_tokenizer, normalize,
+                                             sample_posterior, token_norm, token_spec)
 from mmar_jax.models.qwen2 import Qwen2, Qwen2Config
 from mmar_jax.models.vit import EmbeddingViT, VisProjector, ViTConfig
 from mmar_jax.parallel.sharding import constrain
@@ -93,9 +94,14 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MMARConfig:
     raise ValueError(f"model.image.size {image['size']} is not a multiple of the tokenizer's "
                      f"stride {stride}")
   num_tokens = (image["size"] // stride) ** 2
+  norm = token_norm(image)
+  if norm is not None and norm[1].shape != (channels,):
+    raise ValueError(f"model.image.token_scale has {norm[1].shape[0]} values, but the image "
+                     f"tokenizer makes tokens of {channels} channels")
   vit = ViTConfig(token_channels=channels, num_tokens=num_tokens,
                   width=m.vit.width, layers=m.vit.layers, heads=m.vit.heads,
-                  mlp_ratio=m.vit.mlp_ratio, scan_layers=m.scan_layers, pos_init=m.vit.pos_init)
+                  mlp_ratio=m.vit.mlp_ratio, scan_layers=m.scan_layers, pos_init=m.vit.pos_init,
+                  attend=m.vit.attend)
   head = HeadConfig(token_channels=channels, cond_dim=b.hidden_size, width=m.head.width,
                     depth=m.head.depth, learn_sigma=m.head.learn_sigma,
                     prediction=m.head.prediction, compute_dtype=resolve_dtype(m.head.compute_dtype),
@@ -122,9 +128,19 @@ class MMAR(nnx.Module):
 
   # -- pieces shared by training and sampling -----------------------------------------------------
 
-  def embed_image(self, tokens: jax.Array, masked: jax.Array) -> jax.Array:
+  def encode_tokens(self, images: jax.Array) -> jax.Array:
+    """Images [B, H, W, 3] in [-1, 1] -> the tokens of their posterior mean, in model space
+    (normalised: image_tokenizer.token_norm), as captioning and understanding read them."""
+    mean, _ = self.image_tokenizer.encode(images)
+    return normalize(mean.astype(jnp.float32), token_norm(self.cfg.image))
+
+  def decode_tokens(self, tokens: jax.Array) -> jax.Array:
+    """Model-space tokens [B, N, C] -> images [B, H, W, 3] (not clipped)."""
+    return self.image_tokenizer.tokens_to_images(denormalize(tokens, token_norm(self.cfg.image)))
+
+  def embed_image(self, tokens: jax.Array, masked: jax.Array, cut_context: bool = False) -> jax.Array:
     """Image tokens [B, N, C] (masked positions replaced by the mask token) -> LLM inputs [B, N, d]."""
-    return self.projector(self.vit(tokens, masked, self.dtype), self.dtype)
+    return self.projector(self.vit(tokens, masked, self.dtype, cut_context), self.dtype)
 
   def sequence_inputs(self, text, text_len, kind, image_embeds):
     """The LLM's inputs for a mixed batch: embeddings, positions, ids, and the layout."""
@@ -140,21 +156,31 @@ class MMAR(nnx.Module):
 
   def training_tokens(self, batch: dict, keys: jax.Array) -> jax.Array:
     """A posterior sample per example (keyed) of pixels encoded on the fly, or of the stored
-    posterior of `latents:` shards: the same keys give the same tokens either way."""
+    posterior of `latents:` shards (the same keys give the same tokens either way), in model
+    space."""
     if "latent_mean" in batch:
       mean, logvar = batch["latent_mean"], batch["latent_logvar"]
     else:
       mean, logvar = self.image_tokenizer.encode(batch["image"])
-    if logvar is None:
-      return mean.astype(jnp.float32)
-    return jax.vmap(sample_posterior)(mean, logvar, keys).astype(jnp.float32)
+    if logvar is not None:
+      mean = jax.vmap(sample_posterior)(mean, logvar, keys)
+    return normalize(mean.astype(jnp.float32), token_norm(self.cfg.image))
 
-  def forward(self, prep: dict):
+  def forward(self, prep: dict, cut: str | None = None):
     """The LLM over a prepared (micro-)batch: (final hidden states [B, S, d], token ids [B, S],
-    the layout). The one forward pass of the loss, the precision monitor and the diagnostics."""
-    image_embeds = self.embed_image(prep["tokens"], prep["masked"])
+    the layout). The one forward pass of the loss, the precision monitor and the diagnostics.
+
+    `cut` (the context diagnostic): "llm" or "vit" removes the attention from masked image
+    positions to visible ones in that module, so what a masked position knows of the drawn tokens
+    can come only through the other one."""
+    if cut not in (None, "llm", "vit"):
+      raise ValueError(f"unknown context cut {cut!r}; use llm or vit")
+    image_embeds = self.embed_image(prep["tokens"], prep["masked"], cut_context=cut == "vit")
     x, ids, lay = self.sequence_inputs(prep["text"], prep["text_len"], prep["kind"], image_embeds)
-    hidden, _ = self.backbone(x, lay["positions"], lay["segment_ids"], lay["block_ids"])
+    blocks = lay["block_ids"]
+    if cut == "llm":
+      blocks = sequence.cut_image_context(blocks, lay["image_pos"], prep["masked"])
+    hidden, _ = self.backbone(x, lay["positions"], lay["segment_ids"], blocks)
     return hidden, ids, lay
 
   def head_rows(self, prep: dict, hidden: jax.Array, lay: dict,

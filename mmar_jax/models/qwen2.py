@@ -179,8 +179,28 @@ class Qwen2(nnx.Module):
     return x, new_cache
 
 
-def _layer(x, w: dict[str, Any], kv_cache, *, cfg: Qwen2Config, dtype, positions, mask, cache_index):
-  """One decoder layer as a pure function of that layer's weights."""
+def attention_weights(backbone: "Qwen2", x, positions, segment_ids, block_ids,
+                      reduce=lambda probs: probs) -> jax.Array:
+  """`reduce` of each layer's fp32 attention probabilities [B, H, T, T], stacked over layers, for
+  embeddings x [B, T, D] (the diagnostics' view: layers unrolled, no cache; the forward pass is
+  `_layer`'s). Reducing per layer keeps [L, B, H, T, T] from existing at full scale."""
+  cfg, dtype = backbone.cfg, backbone.dtype
+  mask = attn.structure_mask(segment_ids, block_ids, segment_ids, block_ids)
+  group = cfg.num_heads // cfg.num_kv_heads
+  x, out = x.astype(dtype), []
+  for i in range(cfg.num_layers):
+    w = {k: v[...][i] for k, v in backbone.layers.items()}
+    q, k, _ = attention_inputs(x, w, cfg=cfg, dtype=dtype, positions=positions)
+    scores = jnp.einsum("bthd,bshd->bhts", q, jnp.repeat(k, group, axis=2),
+                        preferred_element_type=jnp.float32) * cfg.hd ** -0.5
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    out.append(reduce(jnp.where(mask, probs, 0.0)))
+    x, _ = _layer(x, w, None, cfg=cfg, dtype=dtype, positions=positions, mask=mask, cache_index=None)
+  return jnp.stack(out)
+
+
+def attention_inputs(x, w: dict[str, Any], *, cfg: Qwen2Config, dtype, positions):
+  """q [B, T, H, hd], k and v [B, T, KV, hd] of one layer (RoPE applied), from its input x."""
   b, t, _ = x.shape
   h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.hd
   c = lambda a: a.astype(dtype)
@@ -194,8 +214,15 @@ def _layer(x, w: dict[str, Any], kv_cache, *, cfg: Qwen2Config, dtype, positions
     k = y @ c(w["k_kernel"]) + c(w["k_bias"])
     v = y @ c(w["v_kernel"]) + c(w["v_bias"])
   q, k, v = q.reshape(b, t, h, hd), k.reshape(b, t, kv, hd), v.reshape(b, t, kv, hd)
-  q = attn.rope(q, positions, cfg.rope_theta)
-  k = attn.rope(k, positions, cfg.rope_theta)
+  return attn.rope(q, positions, cfg.rope_theta), attn.rope(k, positions, cfg.rope_theta), v
+
+
+def _layer(x, w: dict[str, Any], kv_cache, *, cfg: Qwen2Config, dtype, positions, mask, cache_index):
+  """One decoder layer as a pure function of that layer's weights."""
+  b, t, _ = x.shape
+  h, hd = cfg.num_heads, cfg.hd
+  c = lambda a: a.astype(dtype)
+  q, k, v = attention_inputs(x, w, cfg=cfg, dtype=dtype, positions=positions)
   new_kv = None
   if kv_cache is not None:
     k_all = jax.lax.dynamic_update_slice(kv_cache[0], k, (0, cache_index, 0, 0))

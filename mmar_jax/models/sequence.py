@@ -91,6 +91,18 @@ def text_targets(ids: jax.Array, segment_ids: jax.Array, boi_id: int):
 
 
 
+def cut_image_context(block_ids: jax.Array, image_pos: jax.Array, masked: jax.Array) -> jax.Array:
+  """Block ids under which no masked image token attends to a visible one (the context
+  diagnostic's cut): the visible tokens move to a block of their own right after the image's,
+  and every later block moves up by one, so attention among everything else is unchanged."""
+  b = block_ids.shape[0]
+  image_block = jnp.take_along_axis(block_ids, image_pos[:, :1], axis=1)  # [B, 1]
+  later = block_ids > image_block
+  out = jnp.where(later, block_ids + 1, block_ids)
+  visible_pos = jnp.where(masked, block_ids.shape[1], image_pos)  # out of range: dropped
+  return out.at[jnp.arange(b)[:, None], visible_pos].set(image_block + 1, mode="drop")
+
+
 def place_image(x: jax.Array, image_embeds: jax.Array, image_pos: jax.Array) -> jax.Array:
   """Writes image embeddings [B, N, D] at their sequence positions in x [B, S, D]."""
   b = x.shape[0]

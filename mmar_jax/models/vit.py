@@ -37,6 +37,11 @@ class ViTConfig:
   # position is distinct at full scale from step 0; 'normal': N(0, 0.02) (MAR), which leaves the
   # masked positions nearly identical until the embedding has grown.
   pos_init: str = "normal"
+  # What a token attends to inside the ViT. 'visible': MAR's encoder/decoder split -- visible tokens
+  # attend to the visible ones and a masked slot only to itself, so the ViT cannot fill a masked
+  # position and the LLM has to (it is the decoder); 'all': every slot sees every slot, mask tokens
+  # included (stored runs from before the split read back as this).
+  attend: str = "all"
 
 
 class EmbeddingViT(nnx.Module):
@@ -51,6 +56,8 @@ class EmbeddingViT(nnx.Module):
     self.mask_token = param(rngs, normal_002, (w,), ("vit_embed",), param_dtype)
     if cfg.pos_init not in ("sincos", "normal"):
       raise ValueError(f"unknown ViT pos_init {cfg.pos_init!r}; use sincos or normal")
+    if cfg.attend not in ("visible", "all"):
+      raise ValueError(f"unknown ViT attend {cfg.attend!r}; use visible or all")
     pos_init = sincos_2d if cfg.pos_init == "sincos" else normal_002
     self.pos_embed = param(rngs, pos_init, (cfg.num_tokens, w), ("length", "vit_embed"), param_dtype)
     p = functools.partial(param, rngs, dtype=param_dtype, stack=n)
@@ -65,18 +72,32 @@ class EmbeddingViT(nnx.Module):
     self.final_scale = param(rngs, ones, (w,), ("vit_embed",), param_dtype)
     self.final_bias = param(rngs, zeros, (w,), ("vit_embed",), param_dtype)
 
-  def __call__(self, tokens: jax.Array, masked: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """tokens [B, N, C], masked bool [B, N] -> [B, N, W]."""
+  def __call__(self, tokens: jax.Array, masked: jax.Array, dtype=jnp.float32,
+               cut_context: bool = False) -> jax.Array:
+    """tokens [B, N, C], masked bool [B, N] -> [B, N, W]. `cut_context` (the context diagnostic):
+    masked slots do not attend to visible ones, whatever `attend` says."""
     cfg = self.cfg
     h = self.in_proj(tokens, dtype)
     h = jnp.where(masked[..., None], self.mask_token[...].astype(dtype), h)
     h = h + self.pos_embed[...].astype(dtype)
     h = constrain(h, ("batch", "length", "act_embed"))  # the ViT runs data-parallel, like the LLM
-    mask = jnp.ones((h.shape[0], 1, h.shape[1], h.shape[1]), bool)
+    mask = attention_mask(masked, cfg.attend)
+    if cut_context:
+      mask = mask & ~(masked[:, None, :, None] & ~masked[:, None, None, :])
     block = functools.partial(_vit_block, heads=cfg.heads, eps=cfg.eps, mask=mask, dtype=dtype)
     weights = {k: v[...] for k, v in self.blocks.items()}
     h, _ = scan_or_unroll(lambda x, w: (block(x, w), None), h, weights, cfg.scan_layers)
     return layer_norm(h, self.final_scale[...], self.final_bias[...], cfg.eps)
+
+
+def attention_mask(masked: jax.Array, attend: str) -> jax.Array:
+  """bool [B, 1, N, N]: may query i attend key j. 'visible': both are visible, or j is i (a masked
+  slot keeps its own mask token + position, and every row has a key); 'all': always."""
+  n = masked.shape[1]
+  if attend == "all":
+    return jnp.ones((masked.shape[0], 1, n, n), bool)
+  visible = ~masked
+  return (visible[:, None, :, None] & visible[:, None, None, :]) | jnp.eye(n, dtype=bool)[None, None]
 
 
 def sincos_2d(key, shape, dtype=jnp.float32):

@@ -91,6 +91,11 @@ class MMAR(nn.Module):
     self.vae = AutoencoderKL(c["vae"]) if kind == "vae" else None
     self.patch = int(self.image.get("patch_size") or (1 if kind == "vae" else 4))
     self.scale = float(self.image.get("scale") or 1.0)
+    norm = self.image.get("norm", "fixed")
+    if norm not in ("data", "fixed"):
+      raise ConversionError(f"{CONFIG_FILE}: unknown model.image.norm {norm!r}")
+    self.norm = None if norm == "fixed" else tuple(
+        torch.tensor(self.image[k], dtype=torch.float32) for k in ("token_shift", "token_scale"))
 
   @torch.no_grad()
   def init_weights(self, seed: int = 0) -> "MMAR":
@@ -118,17 +123,28 @@ class MMAR(nn.Module):
   # -- images <-> tokens ----------------------------------------------------------------------------
 
   def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[B, H, W, 3] in [-1, 1] -> the posterior of the scaled tokens (mean, logvar or None)."""
+    """[B, H, W, 3] in [-1, 1] -> the posterior of the model-space tokens (mean, logvar or None):
+    the tokenizer's scaled tokens, then the per-channel normalisation of `model.image.norm=data`
+    (image_tokenizer.token_norm: (token - shift) * scale)."""
     if self.vae is None:
-      return patchify(images.float(), self.patch) * self.scale, None
-    mean, logvar = self.vae.encode(images.permute(0, 3, 1, 2))
-    nhwc = lambda a: a.permute(0, 2, 3, 1)
-    return (patchify(nhwc(mean), self.patch) * self.scale,
-            patchify(nhwc(logvar), self.patch) + 2.0 * math.log(self.scale))
+      mean, logvar = patchify(images.float(), self.patch) * self.scale, None
+    else:
+      mean, logvar = self.vae.encode(images.permute(0, 3, 1, 2))
+      nhwc = lambda a: a.permute(0, 2, 3, 1)
+      mean = patchify(nhwc(mean), self.patch) * self.scale
+      logvar = patchify(nhwc(logvar), self.patch) + 2.0 * math.log(self.scale)
+    if self.norm is not None:
+      shift, scale = self.norm
+      mean = (mean - shift) * scale
+      logvar = None if logvar is None else logvar + 2.0 * torch.log(scale)
+    return mean, logvar
 
   def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-    """Tokens [B, N, C] -> images [B, H, W, 3] (not clipped)."""
-    x = unpatchify(tokens.float() / self.scale, self.patch)
+    """Model-space tokens [B, N, C] -> images [B, H, W, 3] (not clipped)."""
+    tokens = tokens.float()
+    if self.norm is not None:
+      tokens = tokens / self.norm[1] + self.norm[0]
+    x = unpatchify(tokens / self.scale, self.patch)
     if self.vae is None:
       return x
     return self.vae.decode(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

@@ -33,10 +33,10 @@ class ViTBlock(nn.Module):
     self.fc1 = nn.Linear(width, hidden)
     self.fc2 = nn.Linear(hidden, width)
 
-  def forward(self, x):
+  def forward(self, x, mask=None):
     b, n, w = x.shape
     q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, w)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, w)
     x = x + self.proj(o)
     return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
@@ -54,11 +54,16 @@ class EmbeddingViT(nn.Module):
     self.blocks = nn.ModuleList(ViTBlock(w, cfg["heads"], cfg["mlp_ratio"], cfg["eps"])
                                 for _ in range(cfg["layers"]))
     self.final = nn.LayerNorm(w, eps=cfg["eps"])
+    self.attend = cfg.get("attend", "all")
 
   def forward(self, tokens, masked):
     h = torch.where(masked[..., None], self.mask_token, self.in_proj(tokens)) + self.pos_embed
+    mask = None
+    if self.attend == "visible":  # visible keys, and each slot itself (models/vit.attention_mask)
+      eye = torch.eye(masked.shape[1], dtype=torch.bool, device=masked.device)
+      mask = ((~masked)[:, None, :, None] & (~masked)[:, None, None, :]) | eye
     for block in self.blocks:
-      h = block(h)
+      h = block(h, mask)
     return self.final(h)
 
 

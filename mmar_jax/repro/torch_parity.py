@@ -8,8 +8,8 @@ gradient norm of each top-level module (backbone, vit, projector, head; relative
 generation with guidance from the same orders and diffusion noise (max |difference| of the image
 tokens), and greedy captions (identical ids). The batch holds all three sample kinds, padding, a
 dropped caption and two diffusion draws per token. Without a workdir the model is a random one
-of `--config` (default: a tiny one with a learned variance; every weight perturbed, since a fresh
-head outputs exactly 0).
+of `--config` (default: a tiny one with a learned variance and data-normalised tokens; every
+weight perturbed, since a fresh head outputs exactly 0).
 
 `perturb` breaks the PyTorch side on purpose, to show the check fails: 'position' shifts the
 image block's RoPE position by one, 'kernel' transposes a square ViT kernel.
@@ -36,7 +36,7 @@ def _fp32(mcfg):
 
 def _setup(workdir, config=None):
   """(config, tokenizer, fp32 model config, params as numpy): a run's EMA weights, or a random
-  model of `config` (default: the tiny one with a learned variance)."""
+  model of `config` (default: the tiny one with a learned variance and token normalisation)."""
   from mmar_jax.models.mmar import MMAR, model_config
   from mmar_jax.repro.checks import tiny_config
   if workdir:
@@ -45,7 +45,11 @@ def _setup(workdir, config=None):
     params, _ = run.params(None, "ema", on_host=True)
     return run.config, run.tokenizer, _fp32(run.model_cfg), params
   from mmar_jax.data.text_tokenizer import load_text_tokenizer
-  config = config if config is not None else tiny_config(("model.head.learn_sigma", "true"))
+  if config is None:
+    from mmar_jax.data import token_stats
+    from mmar_jax.data.sources import make_source
+    config = tiny_config(("model.head.learn_sigma", "true"), ("model.image.norm", "data"))
+    token_stats.fill_config(config, make_source(config))
   tokenizer = load_text_tokenizer(config.text_tokenizer)
   mcfg = _fp32(model_config(config, tokenizer))
   params = nnx.split(MMAR(mcfg, rngs=nnx.Rngs(0)))[1].to_pure_dict()

@@ -262,7 +262,7 @@ def generate_tokens(model, text, text_len, key, *, ar_steps: int = 64, diffusion
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _decode(graphdef, state, tokens):
   model = nnx.merge(graphdef, state)
-  return model.image_tokenizer.tokens_to_images(tokens)
+  return model.decode_tokens(tokens)
 
 
 def tokens_to_images(model, tokens) -> np.ndarray:

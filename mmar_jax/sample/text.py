@@ -142,8 +142,7 @@ def _caption(graphdef, state, images, question, question_len, key, top_p, eos_id
   mc = model.cfg
   b = images.shape[0]
   n = mc.num_image_tokens
-  mean, _ = model.image_tokenizer.encode(images)
-  emb = model.embed_image(mean.astype(jnp.float32), jnp.zeros((b, n), bool))
+  emb = model.embed_image(model.encode_tokens(images), jnp.zeros((b, n), bool))
   ids, pos, seg, blk, image_slot = caption_prefix(
       question, question_len, n, mc.boi_id, mc.eoi_id, mc.pad_id,
       mc.image["positions"] == "per_token")

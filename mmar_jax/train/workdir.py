@@ -19,6 +19,8 @@ from mmar_jax.defaults import base_config
 SHAPE_KEYS = ("model.backbone.", "model.vit.", "model.head.width", "model.head.depth",
               "model.head.learn_sigma", "model.head.pos_embed", "model.image.size",
               "model.image.kind", "model.image.patch_size", "model.image.vae.", "model.max_text_len",
+              # not shapes, but what the weights were trained to read and draw:
+              "model.image.norm", "model.image.token_shift", "model.image.token_scale",
               "text_tokenizer")
 
 
@@ -30,6 +32,10 @@ def resolve_config(workdir, config_spec: str | None, overrides) -> ml_collection
     cfg.update(_tuples(stored))
     if config_spec:
       given = config_lib.load_file(config_spec)
+      if given.model.image.norm == "data" and not given.model.image.token_scale:
+        # The statistics were estimated when the run started: a config file cannot know them.
+        given.model.image.token_shift = cfg.model.image.token_shift
+        given.model.image.token_scale = cfg.model.image.token_scale
       _check_shapes(config_lib.to_dict(cfg), config_lib.to_dict(given), f"{config_spec}")
       cfg = given
   elif config_spec:
