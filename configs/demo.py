@@ -7,7 +7,7 @@ from mmar_jax.defaults import base_config
 def get_config(arg=None):
   del arg
   c = base_config()
-  c.steps = 2500  # training plus evaluation 14m36s on a 2-core AVX2 CPU (README)
+  c.steps = 2500  # training plus evaluation: README
   c.mesh = "1,1,1"
   c.model.compute_dtype = "float32"  # XLA:CPU is no faster in bf16
   c.model.head.compute_dtype = "float32"
@@ -26,6 +26,12 @@ def get_config(arg=None):
   # The 2D sine-cosine start learned them in all five runs that had it: captions named the position
   # of 0.95-1.00 of the held-out pictures, understanding all three 0.86-1.00.
   c.model.vit.pos_init = "sincos"
+  # Per-token RoPE positions inside the image block (the method default shares one): with the
+  # split ViT (model.vit.attend=visible) and data-normalised tokens, one run each at seed 0 gave
+  # unconditional validity 0.31 against 0.14 with the shared position (64 samples), held-out
+  # generation 0.84 against 0.875 (88 drawings), understanding 0.91 against 1.00 (22 images).
+  # The LLM is the decoder now, and reads where each drawn token sits from its position.
+  c.model.image.positions = "per_token"
   c.model.fuse_projections = True  # one q/k/v and one gate/up matmul: 7% faster here (no tensor axis)
   # The head's width bounds how exactly a 48-value patch is drawn: 256 vs 128 halved the final
   # diffusion loss (0.036 vs 0.069) and raised held-out shape accuracy of drawings 0.32 -> 0.50.

@@ -353,9 +353,15 @@ def plot_png(result: dict) -> bytes:
   for ax in (ax_amp, ax_err):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+  return png_bytes(fig, dpi=110)
+
+
+def png_bytes(fig, dpi: int) -> bytes:
+  """A matplotlib figure as PNG bytes (for an atomic write), and the figure closed."""
+  import matplotlib.pyplot as plt
   fig.tight_layout()
   buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110)
+  fig.savefig(buf, format="png", dpi=dpi)
   plt.close(fig)
   return buf.getvalue()
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from mmar_jax.commands.diagnose import png_bytes
 from mmar_jax.diffusion import parameterization as par
 from mmar_jax.diffusion import schedule
 from mmar_jax.files import write_bytes_atomic
@@ -234,7 +235,9 @@ def summary(result: dict) -> dict:
     rel = lambda name: (r[name][j] / base - 1.0) if base else None
     out[kname] = dict(loss=base, loss_none_visible=r["loss"][0], cut_llm_increase=rel("loss_cut_llm"),
                       cut_vit_increase=rel("loss_cut_vit"), swapped_increase=rel("loss_swapped"),
-                      attention_on_visible=[row[j] for row in [r["attention"]["visible"]]][0])
+                      # comparable across token normalisations, unlike the loss itself:
+                      loss_over_none_visible=(base / r["loss"][0]) if r["loss"][0] else None,
+                      attention_on_visible=r["attention"]["visible"][j])
   head = result.get("head_x0_t999")
   out["head_over_nn_lit"] = head["lit"]["ratio"] if head else None
   return out
@@ -269,8 +272,6 @@ def format_table(result: dict) -> str:
 
 
 def plot_png(result: dict) -> bytes:
-  import io
-
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -290,11 +291,7 @@ def plot_png(result: dict) -> bytes:
   ax.set_title(f"unconditional, {result['visible'][j]} visible: attention of masked queries")
   ax.set_xlabel("LLM layer")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=100)
-  plt.close(fig)
-  return buf.getvalue()
+  return png_bytes(fig, dpi=100)
 
 
 def cli_context(args) -> int:
