@@ -167,3 +167,23 @@ def test_kernel_compiles_for_tpu():
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
   # The forward kernel and the two backward kernels, as Mosaic custom calls.
   assert compiled.as_text().count("tpu_custom_call") >= 3
+
+
+def test_qwen2_backbone_with_the_kernel():
+  """`model.attention = flash_interpret` through the decoder equals einsum, left padding
+  included; with a KV cache the flash names decode through einsum."""
+  from flax import nnx
+  from mmar_jax.models.qwen2 import Qwen2, Qwen2Config, text_structure
+  cfg = Qwen2Config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=48, compute_dtype="float32")
+  ref = Qwen2(cfg, rngs=nnx.Rngs(0))
+  fused = Qwen2(cfg.replace(attention="flash_interpret"), rngs=nnx.Rngs(0))
+  ids = jax.random.randint(jax.random.key(1), (2, 9), 0, 64)
+  pos, seg, blk = text_structure(jnp.asarray([[1] * 9, [0] * 4 + [1] * 5]))
+  a, _ = ref(ref.embed(ids), pos, seg, blk)
+  b, _ = fused(fused.embed(ids), pos, seg, blk)
+  real = np.asarray(seg, bool)
+  np.testing.assert_allclose(np.asarray(a)[real], np.asarray(b)[real], atol=1e-5)
+  step = lambda m: m(m.embed(ids[:, :1]), pos[:, :1], seg[:, :1], blk[:, :1],
+                     cache=m.init_cache(2, 4), cache_index=0)[0]
+  np.testing.assert_allclose(np.asarray(step(ref)), np.asarray(step(fused)), atol=1e-6)
