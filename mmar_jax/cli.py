@@ -89,6 +89,9 @@ def _bench_memory_args(p):
   p.add_argument("--topology", default=None,
                  help="compile for this TPU (v5p-64, v5litepod-256, or a libtpu name such as "
                       "v5p:2x4x4); needs libtpu. Without it: the (simulated) local devices")
+  p.add_argument("--no-cost", action="store_true",
+                 help="with --topology: skip the cost report (FLOPs, bytes, roofline), which "
+                      "takes two more compiles of 1 and 2 layers")
 
 
 def _numerics_args(p):

@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.scan_layers = True
   m.remat = "none"
   m.fuse_projections = False  # one q/k/v and one gate/up matmul per layer (not with tensor parallelism)
-  m.attention = "einsum"  # einsum (ours) | cudnn (fused, GPU) | xla (jax.nn reference)
+  m.attention = "einsum"  # einsum (ours) | cudnn (fused, GPU) | xla (jax.nn reference) | flash (Pallas, TPU) | flash_interpret
 
   m.image = im = ml_collections.ConfigDict()
   im.size = 16  # pixels (256 at full scale)

@@ -11,6 +11,9 @@ that a config fits a v5p-64 before asking for one. Otherwise the compile is for 
 CPU devices, and the numbers are a CPU estimate: XLA:CPU schedules and fuses differently, so
 temporaries differ, while arguments and outputs match the TPU's exactly.
 
+With a TPU topology the report also has "cost": FLOPs, bytes accessed, roofline time, the MFU
+bound and the largest fusions, from the compiler (bench_cost.py; an estimate, never a timing).
+
 One JSON line: argument_bytes, output_bytes, temp_bytes, alias_bytes (donated state: counted in
 arguments and outputs but stored once), total_bytes = argument + output - alias + temp, and an
 analytic breakdown per device (state leaves from their shard shapes; activations from a formula,
@@ -31,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmar_jax import config as config_lib
+from mmar_jax.commands import bench_cost
 from mmar_jax.launch.tpu_names import (LaunchError, parse_accelerator_type, topology_kwargs,
                                        topology_name)
 from mmar_jax.train.step import loss_rows
@@ -210,7 +214,9 @@ def analytic(tr, state, batch, mcfg, config) -> dict:
 
 # -- the command -----------------------------------------------------------------------------------
 
-def memory_report(config, topology: str | None = None) -> dict:
+def memory_report(config, topology: str | None = None, cost: bool = True) -> dict:
+  """The compiled step's memory; with a TPU topology also its cost (`cost=False` skips the two
+  extra compiles that takes)."""
   num_slices = math.prod(config_lib.parse_mesh(config.mesh_dcn))
   devices, label = target_devices(topology, num_slices)
   t0 = time.perf_counter()
@@ -221,11 +227,32 @@ def memory_report(config, topology: str | None = None) -> dict:
                    int(mem.temp_size_in_bytes))
   alias = int(mem.alias_size_in_bytes)
   shape = ",".join(str(s) for s in tr.mesh.devices.shape)
-  return dict(argument_bytes=arg, output_bytes=out, temp_bytes=tmp, alias_bytes=alias,
-              total_bytes=arg + out - alias + tmp,
-              analytic=analytic(tr, state, batch, tr.model_cfg, config),
-              estimate=label, mesh=shape, devices=len(devices),
-              batch_size=int(config.train.batch_size), compile_s=round(compile_s, 1))
+  report = dict(argument_bytes=arg, output_bytes=out, temp_bytes=tmp, alias_bytes=alias,
+                total_bytes=arg + out - alias + tmp,
+                analytic=analytic(tr, state, batch, tr.model_cfg, config),
+                estimate=label, mesh=shape, devices=len(devices),
+                batch_size=int(config.train.batch_size), compile_s=round(compile_s, 1),
+                remat=str(config.model.remat), attention=str(config.model.attention))
+  chip = bench_cost.chip_for(topology) if topology else None
+  if chip is not None and cost:
+    report["cost"] = step_cost(config, devices, tr, compiled, chip, report["total_bytes"])
+  return report
+
+
+def step_cost(config, devices, tr, compiled, chip, total_bytes: int) -> dict:
+  """The compiler's cost of the step on this chip (bench_cost.py), per chip, an estimate."""
+  from mmar_jax.train.flops import train_step_flops
+  gen, figures = chip
+  t0 = time.perf_counter()
+  cost = bench_cost.layer_extrapolated_cost(config, devices, compile_step)
+  model_flops = train_step_flops(tr.model_cfg, config) / len(devices)
+  out = dict(chip=gen, **figures, **cost, model_flops=model_flops,
+             **bench_cost.roofline(cost["flops"], cost["bytes_accessed"], model_flops, figures),
+             hbm_free=1.0 - total_bytes / figures["hbm_bytes"],
+             largest_fusions=bench_cost.largest_fusions(compiled.as_text()),
+             cost_compile_s=round(time.perf_counter() - t0, 1),
+             estimate="compiler cost analysis and roofline; no time was measured")
+  return out
 
 
 def cli_bench_memory(args) -> int:
@@ -233,5 +260,5 @@ def cli_bench_memory(args) -> int:
   config_lib.apply_overrides(config, args.config_overrides)
   from mmar_jax.data import token_stats
   token_stats.shapes_only(config)
-  print(json.dumps(memory_report(config, args.topology)), flush=True)
+  print(json.dumps(memory_report(config, args.topology, cost=not args.no_cost)), flush=True)
   return 0

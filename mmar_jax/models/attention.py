@@ -21,14 +21,31 @@ def structure_mask(q_seg, q_block, k_seg, k_block) -> jax.Array:
   return (same & causal)[:, None]
 
 
-def attend(q, k, v, mask, *, implementation: str = "einsum") -> jax.Array:
+# The fused Pallas kernel (flash_attention.py): "flash" compiles it with Mosaic for TPU,
+# "flash_interpret" runs it through Pallas' interpreter (any backend; tests and debugging).
+FLASH = ("flash", "flash_interpret")
+IMPLEMENTATIONS = ("einsum", "cudnn", "xla") + FLASH
+
+
+def attend(q, k, v, mask, *, implementation: str = "einsum", structure=None) -> jax.Array:
   """Grouped-query attention.
 
   q [B, T, H, hd], k/v [B, S, KV, hd] with H a multiple of KV (head h uses kv head h // (H/KV),
   as HF's repeat_kv), mask bool [B, 1, T, S]. Softmax in fp32. Rows with no visible key (padding
   queries) produce zeros rather than NaN. `implementation`: "einsum" (this function's own, the
-  default everywhere), or a `jax.nn.dot_product_attention` implementation ("cudnn" on GPU, "xla").
+  default everywhere), a `jax.nn.dot_product_attention` implementation ("cudnn" on GPU, "xla"),
+  or a FLASH kernel, which takes the ids themselves: `structure` = (q_seg, q_block, k_seg,
+  k_block), and no mask.
   """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {implementation!r}; use one of "
+                     f"{IMPLEMENTATIONS}")
+  if implementation in FLASH:
+    if structure is None:
+      raise ValueError(f"attention {implementation!r} needs the structure ids, not a mask")
+    from mmar_jax.models.flash_attention import flash_attention
+    out = flash_attention(q, k, v, *structure, interpret=implementation == "flash_interpret")
+    return out.astype(v.dtype)
   if implementation != "einsum":
     # jax's fused attention ("cudnn" on GPU; "xla" for the reference path). A padding query sees
     # no key: its row is undefined there, so zero it as below (0 * NaN would poison the loss).

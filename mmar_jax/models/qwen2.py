@@ -42,7 +42,10 @@ class Qwen2Config:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat: str = "none"  # none | full | dots | dots_no_batch
-  attention: str = "einsum"  # einsum (ours) | cudnn (fused, GPU) | xla (jax.nn reference)
+  # einsum (ours, the reference) | cudnn (fused, GPU) | xla (jax.nn reference) | flash (Pallas
+  # kernel, TPU) | flash_interpret (the same kernel interpreted; CPU). Decoding with a KV cache
+  # uses einsum under the flash names (a step's few queries would fill one tile of 128).
+  attention: str = "einsum"
   # One matmul for q/k/v and one for gate/up, the kernels concatenated inside the step (the
   # checkpoint layout is unchanged). Off under tensor parallelism: the concatenation would
   # gather the head-sharded kernels.
@@ -156,8 +159,13 @@ class Qwen2(nnx.Module):
       k_blk = jax.lax.dynamic_update_slice(cache["block_ids"], block_ids.astype(jnp.int32), (0, idx))
     else:
       idx, k_seg, k_blk = None, segment_ids, block_ids
-    mask = attn.structure_mask(segment_ids, block_ids, k_seg, k_blk)
+    structure = (segment_ids, block_ids, k_seg, k_blk)
+    implementation = cfg.attention
+    if cache is not None and implementation in attn.FLASH:
+      implementation = "einsum"
+    mask = None if implementation in attn.FLASH else attn.structure_mask(*structure)
     layer = functools.partial(_layer, cfg=cfg, dtype=self.dtype, positions=positions, mask=mask,
+                              structure=structure, implementation=implementation,
                               cache_index=idx)
     if cfg.remat != "none":
       if cfg.remat not in REMAT_POLICIES:
@@ -195,7 +203,8 @@ def attention_weights(backbone: "Qwen2", x, positions, segment_ids, block_ids,
                         preferred_element_type=jnp.float32) * cfg.hd ** -0.5
     probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
     out.append(reduce(jnp.where(mask, probs, 0.0)))
-    x, _ = _layer(x, w, None, cfg=cfg, dtype=dtype, positions=positions, mask=mask, cache_index=None)
+    x, _ = _layer(x, w, None, cfg=cfg, dtype=dtype, positions=positions, mask=mask,
+                  structure=None, implementation="einsum", cache_index=None)
   return jnp.stack(out)
 
 
@@ -217,7 +226,8 @@ def attention_inputs(x, w: dict[str, Any], *, cfg: Qwen2Config, dtype, positions
   return attn.rope(q, positions, cfg.rope_theta), attn.rope(k, positions, cfg.rope_theta), v
 
 
-def _layer(x, w: dict[str, Any], kv_cache, *, cfg: Qwen2Config, dtype, positions, mask, cache_index):
+def _layer(x, w: dict[str, Any], kv_cache, *, cfg: Qwen2Config, dtype, positions, mask, structure,
+           implementation, cache_index):
   """One decoder layer as a pure function of that layer's weights."""
   b, t, _ = x.shape
   h, hd = cfg.num_heads, cfg.hd
@@ -228,7 +238,8 @@ def _layer(x, w: dict[str, Any], kv_cache, *, cfg: Qwen2Config, dtype, positions
     k_all = jax.lax.dynamic_update_slice(kv_cache[0], k, (0, cache_index, 0, 0))
     v_all = jax.lax.dynamic_update_slice(kv_cache[1], v, (0, cache_index, 0, 0))
     new_kv, k, v = (k_all, v_all), k_all, v_all
-  o = attn.attend(q, k, v, mask, implementation=cfg.attention).reshape(b, t, h * hd)
+  o = attn.attend(q, k, v, mask, implementation=implementation,
+                  structure=structure).reshape(b, t, h * hd)
   x = x + o @ c(w["o_kernel"])
   y = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
   if cfg.fuse_projections:
