@@ -76,6 +76,20 @@ def write_bytes_atomic(path, data: bytes) -> None:
       f.write(data)
 
 
+def remove_temporaries(directory) -> list[str]:
+  """Deletes what `atomic_output` leaves in `directory` when its process is killed mid-write
+  (`.NAME.tmp-*`); returns their names. Only while no other process writes there."""
+  if "://" in os.fspath(directory):  # object stores are written in place: nothing to leave
+    return []
+  removed = []
+  for name in sorted(os.listdir(directory)):
+    if name.startswith(".") and ".tmp-" in name:
+      path = os.path.join(directory, name)
+      shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _unlink(path)
+      removed.append(name)
+  return removed
+
+
 def write_json(directory, name: str, obj: dict) -> None:
   write_bytes_atomic(epath.Path(directory) / name,
                      (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
