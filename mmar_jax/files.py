@@ -130,11 +130,11 @@ def param_metadata(directory: str) -> dict:
 
 def load_params(directory: str, target=None, sharding=None) -> dict:
   """Restores params; `target` is a tree of ShapeDtypeStruct (with shardings) or None (as stored,
-  on the default device)."""
+  on this process's first device: in a multi-process run each process reads its own copy)."""
   import orbax.checkpoint as ocp
   path = epath.Path(directory) / "params"
   if target is None:
-    dev = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dev = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
                           param_metadata(directory))
   with ocp.StandardCheckpointer() as ckptr:
