@@ -4,9 +4,9 @@ picture here; many per process start with `--prompts` / `--images`: sample_files
 Both read the stored config (WORKDIR/config.json), the workdir's tokenizer and, by default, the
 EMA weights of the latest checkpoint; `--step` and `--params raw` choose others. The model runs
 on `--mesh` if given, else on every device present (fsdp axis: parallel/mesh.sampling_overrides),
-not on the training run's mesh. `--prompts` and `--images` also run across the processes of a pod
-(`--coordinator`, or the environment `train` reads: parallel/distributed.py); one prompt or one
-picture runs in one process.
+not on the training run's mesh. `--prompts` also runs across the processes of a pod (`--coordinator`,
+or the environment `train` reads: parallel/distributed.py); one prompt, and captioning, run in one
+process.
 """
 
 from __future__ import annotations
@@ -76,16 +76,16 @@ def _open(args):
   return run, (run.trainer.graphdef, params), step
 
 
-def _join(args, many: bool, flag: str):
-  """Joins a multi-process run (before any other JAX call); one input runs in one process."""
+def _join(args, spread: bool, why: str):
+  """Joins a multi-process run (before any other JAX call); a command that does not spread its
+  inputs over the processes refuses one, saying `why`."""
   import jax
 
   from mmar_jax.errors import ConfigError
   from mmar_jax.parallel import distributed
   distributed.join(args)
-  if not many and jax.process_count() > 1:
-    raise ConfigError(f"one input runs in one process (this run has {jax.process_count()}); "
-                      f"use {flag} to spread many over the processes")
+  if not spread and jax.process_count() > 1:
+    raise ConfigError(f"{why} (this run has {jax.process_count()} processes)")
 
 
 def cli_generate(args) -> int:
@@ -93,7 +93,7 @@ def cli_generate(args) -> int:
   if many != (args.out_dir is not None) or many == (args.out is not None):
     print("mmar-jax: error: give --out (one prompt), or --prompts with --out-dir", file=sys.stderr)
     return 2
-  _join(args, many, "--prompts")
+  _join(args, many, "one prompt runs in one process; --prompts spreads many over the processes")
   import jax
 
   from mmar_jax.sample import image as gen
@@ -126,7 +126,7 @@ def cli_generate(args) -> int:
 
 
 def cli_caption(args) -> int:
-  _join(args, args.images is not None, "--images")
+  _join(args, False, "caption runs in one process")
   import jax
   from etils import epath
 
