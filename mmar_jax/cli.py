@@ -63,9 +63,13 @@ def _prepare_data_args(p):
                  help="demo | folder:PATH | jsonl:PATH | wds:GLOB | tfds[:NAME] (data.tfds.*)")
   p.add_argument("--out", required=True, help="output directory (local or gs://)")
   p.add_argument("--records-per-shard", type=int, default=10000)
-  p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
+  p.add_argument("--batch-size", type=int, default=64,
+                 help="images per device in an encoder call (the same on every device, so the "
+                      "latents do not depend on the device count)")
   p.add_argument("--threads", type=int, default=8, help="threads reading and decoding images")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --out (deleted first), or restart another job's unfinished one")
+  _distributed_args(p)
 
 
 def _eval_args(p):

@@ -76,6 +76,20 @@ def write_bytes_atomic(path, data: bytes) -> None:
       f.write(data)
 
 
+def remove_temporaries(directory) -> list[str]:
+  """Deletes what `atomic_output` leaves in `directory` when its process is killed mid-write
+  (`.NAME.tmp-*`); returns their names. Only while no other process writes there."""
+  if "://" in os.fspath(directory):  # object stores are written in place: nothing to leave
+    return []
+  removed = []
+  for name in sorted(os.listdir(directory)):
+    if name.startswith(".") and ".tmp-" in name:
+      path = os.path.join(directory, name)
+      shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _unlink(path)
+      removed.append(name)
+  return removed
+
+
 def write_json(directory, name: str, obj: dict) -> None:
   write_bytes_atomic(epath.Path(directory) / name,
                      (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
@@ -116,11 +130,11 @@ def param_metadata(directory: str) -> dict:
 
 def load_params(directory: str, target=None, sharding=None) -> dict:
   """Restores params; `target` is a tree of ShapeDtypeStruct (with shardings) or None (as stored,
-  on the default device)."""
+  on this process's first device: in a multi-process run each process reads its own copy)."""
   import orbax.checkpoint as ocp
   path = epath.Path(directory) / "params"
   if target is None:
-    dev = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dev = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
                           param_metadata(directory))
   with ocp.StandardCheckpointer() as ckptr:

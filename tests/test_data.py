@@ -312,8 +312,8 @@ def test_latent_shards_give_the_batches_of_encoding_on_the_fly(tmp_path, bytes_t
   from mmar_jax.models.image_tokenizer import make_image_tokenizer, sample_posterior
   config = tiny_config(*VAE_OVERRIDES, ("init.vae", _tiny_vae(tmp_path / "vae")))
   demo = sources.make_source(config)
-  meta = prepare(config, "demo", str(tmp_path / "latents"), records_per_shard=100, batch_size=16,
-                 progress=False)
+  meta, _ = prepare(config, "demo", str(tmp_path / "latents"), records_per_shard=100,
+                    batch_size=16, progress=False)
   assert meta["records"] == len(demo) and len(meta["shards"]) == -(-len(demo) // 100)
   assert meta["token_shape"] == [16, 16]
   latent_config = tiny_config(*VAE_OVERRIDES, ("data.source", f"latents:{tmp_path / 'latents'}"))

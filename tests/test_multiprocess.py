@@ -6,14 +6,13 @@ heartbeat timeout (jax_notes.md), never hang the test session.
 """
 
 import signal
-import socket
 import subprocess
-import time
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
+from helpers_procs import finish, free_port
 from helpers_train import copy_run, losses, metrics, steps_on_disk, straight_run, train_cmd, train_env
 
 
@@ -22,14 +21,8 @@ def straight(tmp_path_factory):
   return straight_run(tmp_path_factory)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def start_workers(workdir, *overrides, n: int = 2, devices: int = 4) -> list[subprocess.Popen]:
-  address = f"127.0.0.1:{_free_port()}"
+  address = f"127.0.0.1:{free_port()}"
   procs = []
   for i in range(n):
     cmd = train_cmd(workdir, *overrides, cpu_devices=devices) + [
@@ -37,20 +30,6 @@ def start_workers(workdir, *overrides, n: int = 2, devices: int = 4) -> list[sub
     procs.append(subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
   return procs
-
-
-def finish(procs, timeout: int = 600) -> list[str]:
-  deadline = time.monotonic() + timeout
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
-  finally:
-    for p in procs:
-      p.kill()
-  for i, (p, out) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{out[-5000:]}"
-  return outs
 
 
 WORKER = """
@@ -103,7 +82,7 @@ def test_two_processes_build_the_batches_and_restore_the_checkpoint(straight, de
   import jax
 
   from helpers_train import restore
-  address = f"127.0.0.1:{_free_port()}"
+  address = f"127.0.0.1:{free_port()}"
   procs = [subprocess.Popen([sys.executable, "-c", WORKER, straight, address, str(i),
                              str(tmp_path / f"p{i}.npz")], cwd=ROOT, env=train_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

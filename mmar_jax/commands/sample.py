@@ -3,7 +3,10 @@ picture here; many per process start with `--prompts` / `--images`: sample_files
 
 Both read the stored config (WORKDIR/config.json), the workdir's tokenizer and, by default, the
 EMA weights of the latest checkpoint; `--step` and `--params raw` choose others. The model runs
-on the run's mesh (the config's `mesh`), as training does.
+on `--mesh` if given, else on every device present (fsdp axis: parallel/mesh.sampling_overrides),
+not on the training run's mesh. `--prompts` also runs across the processes of a pod (`--coordinator`,
+or the environment `train` reads: parallel/distributed.py); one prompt, and captioning, run in one
+process.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def add_generate_args(p):
   p.add_argument("--temperature", type=float, default=1.0)
   _checkpoint_args(p)
   p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+  _distributed_args(p)
 
 
 def add_caption_args(p):
@@ -47,6 +51,15 @@ def add_caption_args(p):
   p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: greedy)")
   p.add_argument("--seed", type=int, default=0)
   _checkpoint_args(p)
+  _distributed_args(p)
+
+
+def _distributed_args(p):
+  p.add_argument("--coordinator", default=None,
+                 help="host:port of process 0 in a multi-process run (default: MMAR_COORDINATOR, "
+                      "or SLURM / TPU detection; see parallel/distributed.py)")
+  p.add_argument("--num-processes", type=int, default=None, help="with --coordinator")
+  p.add_argument("--process-id", type=int, default=None, help="with --coordinator")
 
 
 def _checkpoint_args(p):
@@ -56,23 +69,38 @@ def _checkpoint_args(p):
 
 def _open(args):
   """(Run, (graphdef, params), step) of the workdir the arguments name."""
+  from mmar_jax.parallel.mesh import sampling_overrides
   from mmar_jax.run import Run
-  run = Run(args.workdir, args.config_overrides)
+  run = Run(args.workdir, sampling_overrides(args.config_overrides))
   params, step = run.params(args.step, args.params)
   return run, (run.trainer.graphdef, params), step
 
 
-def cli_generate(args) -> int:
+def _join(args, spread: bool, why: str):
+  """Joins a multi-process run (before any other JAX call); a command that does not spread its
+  inputs over the processes refuses one, saying `why`."""
   import jax
 
-  from mmar_jax.sample import image as gen
-  from mmar_jax.sample import io as sio
+  from mmar_jax.errors import ConfigError
+  from mmar_jax.parallel import distributed
+  distributed.join(args)
+  if not spread and jax.process_count() > 1:
+    raise ConfigError(f"{why} (this run has {jax.process_count()} processes)")
+
+
+def cli_generate(args) -> int:
   many = args.prompts is not None
   if many != (args.out_dir is not None) or many == (args.out is not None):
     print("mmar-jax: error: give --out (one prompt), or --prompts with --out-dir", file=sys.stderr)
     return 2
+  _join(args, many, "one prompt runs in one process; --prompts spreads many over the processes")
+  import jax
+
+  from mmar_jax.sample import image as gen
+  from mmar_jax.sample import io as sio
   if many:
-    from mmar_jax.commands.sample_files import cli_generate_files, read_prompts
+    from mmar_jax.commands.generate_files import cli_generate_files
+    from mmar_jax.commands.sample_files import read_prompts
     read_prompts(args.prompts, args.prompt_key)  # a bad file fails before the (slow) model load
     run, model, step = _open(args)
     return cli_generate_files(args, run, model, step)
@@ -98,6 +126,7 @@ def cli_generate(args) -> int:
 
 
 def cli_caption(args) -> int:
+  _join(args, False, "caption runs in one process")
   import jax
   from etils import epath
 

@@ -1,16 +1,5 @@
-"""Sampling at scale, many inputs per process start (`generate --prompts`, `caption --images`).
-
-`generate --prompts FILE --out-dir DIR [--num-per-prompt K] [--batch-size B]`: prompts from a text
-file (one a line; an empty line is an unconditional prompt) or JSONL (`--prompt-key`, default
-`caption`). Image (i, k), draw k of prompt i, is `DIR/{i:06d}_{k:02d}.png`, drawn from the key
-fold_in(fold_in(key(seed), i), k): one key per image, so its pixels do not depend on the batch it
-is drawn in, on the batch size or on the device count. Batches run on the run's mesh (the batch
-split over the data axis) at one static shape (the last batch is padded with repeats, whose
-results are dropped). One process (a multi-process run is refused: its processes would have to
-agree on the batches, and a per-host output folder cannot tell them). A file already there is
-not drawn again, so re-running the command resumes after a preemption; every
-PNG is written atomically. `DIR/index.jsonl` (file, prompt, prompt_index, draw, seed), rewritten
-atomically at the end, lists every image of the command.
+"""Many inputs per process start: the input lists of `generate --prompts` (drawn by
+commands/generate_files.py) and `caption --images`.
 
 `caption --images DIR|GLOB|JSONL --out FILE.jsonl [--question TEXT] [--batch-size B]`: every
 picture of a folder (sorted), of a glob, or of a JSONL's `image` key (relative to the file; a
@@ -65,70 +54,6 @@ def image_inputs(spec: str, question: str | None) -> list[tuple[str, str | None]
   if not paths:
     raise FileNotFoundError(f"no pictures in {spec}")
   return [(p, question) for p in paths]
-
-
-# -- generate -------------------------------------------------------------------------------------
-
-def image_name(prompt_index: int, draw: int) -> str:
-  return f"{prompt_index:06d}_{draw:02d}.png"
-
-
-def generate_files(run, model, prompts: list[str], out_dir: str, *, num_per_prompt: int = 1,
-                   batch_size: int = 8, seed: int = 0, progress: bool = True, **sampling) -> dict:
-  """Draws every (prompt, draw) image not yet in `out_dir` (module docstring); returns counts."""
-  import jax
-  import jax.numpy as jnp
-  from tqdm import tqdm
-
-  from mmar_jax.files import write_bytes_atomic
-  from mmar_jax.data.text_tokenizer import encode_prompts
-  from mmar_jax.sample.image import generate_tokens, tokens_to_images
-  from mmar_jax.sample.io import png_bytes
-  out = epath.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  if jax.process_count() > 1:
-    raise ConfigError("generate --prompts runs in one process (this run has "
-                      f"{jax.process_count()}): start one per host, each with its own --prompts share")
-  items = [(i, k) for i in range(len(prompts)) for k in range(num_per_prompt)]
-  todo = [it for it in items if not (out / image_name(*it)).exists()]
-  root = jax.random.key(seed)
-  mc = run.model_cfg
-  # From the whole list, not what is left: a resumed run draws its images as the first run did.
-  guidance = float(sampling.get("cfg", 4.0)) != 1.0 and any(prompts)
-  t0, bar = time.perf_counter(), tqdm(total=len(todo), unit="img", disable=not progress or not todo)
-  with run.context():
-    for start in range(0, len(todo), batch_size):
-      chunk = todo[start:start + batch_size]
-      padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one static shape
-      text, text_len = encode_prompts(run.tokenizer, [prompts[i] for i, _ in padded], mc.max_text_len)
-      keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(root, i), k) for i, k in padded])
-      tokens, _ = generate_tokens(model, text, text_len, keys, guidance=guidance, **sampling)
-      images = np.asarray(tokens_to_images(model, tokens))
-      for (i, k), image in zip(chunk, images):
-        write_bytes_atomic(out / image_name(i, k), png_bytes(image))
-      bar.update(len(chunk))
-      bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - t0):.2f}")
-  bar.close()
-  seconds = time.perf_counter() - t0
-  index = "".join(json.dumps(dict(file=image_name(i, k), prompt=prompts[i], prompt_index=i, draw=k,
-                                  seed=seed)) + "\n" for i, k in items)
-  write_bytes_atomic(out / "index.jsonl", index.encode())
-  return dict(images=len(items), drawn=len(todo), skipped=len(items) - len(todo), seconds=seconds,
-              images_per_s=len(todo) / seconds if todo else None)
-
-
-def cli_generate_files(args, run, model, step) -> int:
-  prompts = read_prompts(args.prompts, args.prompt_key)
-  if args.num_per_prompt < 1 or args.batch_size < 1:
-    raise InputError("--num-per-prompt and --batch-size must be >= 1")
-  print(f"generating {len(prompts)} prompt(s) x {args.num_per_prompt} from step {step} "
-        f"({args.params} weights) into {args.out_dir} ...", file=sys.stderr, flush=True)
-  result = generate_files(run, model, prompts, args.out_dir, num_per_prompt=args.num_per_prompt,
-                          batch_size=args.batch_size, seed=args.seed, ar_steps=args.ar_steps,
-                          diffusion_steps=args.diffusion_steps, sampler=args.sampler, cfg=args.cfg,
-                          cfg_schedule=args.cfg_schedule, temperature=args.temperature)
-  print(json.dumps(result), flush=True)
-  return 0
 
 
 # -- caption --------------------------------------------------------------------------------------

@@ -56,7 +56,9 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
       im.load()  # decodes now, so a truncated file fails here and not later
       rgb = im.convert("RGB")
   except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-    raise BadRecord(f"not a readable image ({type(e).__name__}: {e})") from None
+    # Without the buffer's address PIL names: a record's bytes must not depend on the run.
+    why = re.sub(r" at 0x[0-9a-fA-F]+", "", str(e))
+    raise BadRecord(f"not a readable image ({type(e).__name__}: {why})") from None
   return np.asarray(center_crop_arr(rgb, size), np.uint8)
 
 

@@ -112,3 +112,11 @@ def barrier(name: str, timeout_s: int = 3600):
     return
   from orbax.checkpoint import multihost
   multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
+
+
+def join(args) -> dict | None:
+  """`maybe_initialize` from a command's `--coordinator / --num-processes / --process-id`
+  (absent flags: the environment). First thing in a command, before any other JAX call."""
+  return maybe_initialize(with_flags(getattr(args, "coordinator", None),
+                                     getattr(args, "num_processes", None),
+                                     getattr(args, "process_id", None)))

@@ -47,3 +47,19 @@ def make_mesh(mesh="1,-1,1", mesh_dcn="1,1,1", devices=None) -> Mesh:
     except Exception:  # noqa: BLE001 - CPU / odd topologies: plain order is fine
       arr = np.asarray(devices).reshape(ici)
   return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+SAMPLING_MESH = ("1,-1,1", "1,1,1")  # every device present on fsdp, one slice
+
+
+def sampling_overrides(overrides) -> list:
+  """A sampling command's config overrides with the mesh it runs on: `--mesh` (or
+  `--config.mesh=`) when given, else every device present on the fsdp axis (params sharded the
+  FSDP way over all hosts, the batch over data x fsdp). The training run's mesh does not bind
+  sampling: users sample on another slice, or another machine, than they trained on."""
+  given = {key for key, _ in overrides}
+  out = list(overrides)
+  for key, value in zip(("mesh", "mesh_dcn"), SAMPLING_MESH):
+    if key not in given:
+      out.append((key, value))
+  return out

@@ -1,0 +1,176 @@
+"""Many-item jobs across processes on 127.0.0.1 (real `jax.distributed`, several CPU devices per
+process, real files): prepare-data and generate --prompts give the bytes of one process, resume
+on another process count after a SIGKILL, and name and count an unreadable input without
+blocking the others. The reference is always the one-process run of the same command."""
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from helpers_procs import finish, start_cli
+
+VAE = (("model.image.kind", "vae"), ("model.image.patch_size", "2"), ("model.image.vae.ch", "32"),
+       ("model.image.vae.ch_mult", "(1, 2)"), ("model.image.vae.embed_dim", "4"))
+BROKEN = "007b.png"  # sorts after 007.png: record 8, in shard 1 of 5-record shards
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+  """23 demo pictures with captions and one file that is not a picture, and a small random VAE
+  (a `convert mar-vae`-style directory)."""
+  import jax
+  from flax import nnx
+  from PIL import Image
+
+  from mmar_jax.data.shapes import ShapesDataset, ShapesSpec
+  from mmar_jax.files import save_params, write_json
+  from mmar_jax.models.vae import VAE as VAEModule, VAEConfig
+  root = tmp_path_factory.mktemp("pictures")
+  pics = root / "pics"
+  pics.mkdir()
+  demo = ShapesDataset(ShapesSpec(image_size=16))
+  for i in range(23):
+    Image.fromarray(np.asarray(demo[i]["image"], np.uint8)).save(pics / f"{i:03d}.png")
+    (pics / f"{i:03d}.txt").write_text(demo[i]["caption"])
+  (pics / BROKEN).write_bytes(b"not a picture")
+  cfg = VAEConfig(ch=32, ch_mult=(1, 2), embed_dim=4)
+  params = nnx.split(VAEModule(cfg, rngs=nnx.Rngs(1)))[1].to_pure_dict()
+  save_params(str(root / "vae"), jax.tree.map(np.asarray, params))
+  write_json(str(root / "vae"), "vae_config.json", cfg.to_dict())
+  return root
+
+
+def _prepare_args(pictures, out, per_shard=5):
+  overrides = [f"--config.{k}={v}" for k, v in VAE] + [f"--config.init.vae={pictures / 'vae'}"]
+  return ["prepare-data", "--config", "configs/tiny.py", "--src", f"folder:{pictures / 'pics'}",
+          "--out", out, "--records-per-shard", per_shard, "--batch-size", 2, *overrides]
+
+
+@pytest.fixture(scope="module")
+def one_process_latents(pictures):
+  """The reference: prepare-data in this process (8 devices), 5-record shards."""
+  from mmar_jax.data.prepare import prepare
+  config = tiny_config(*VAE, ("init.vae", str(pictures / "vae")))
+  out = pictures / "latents_1"
+  prepare(config, f"folder:{pictures / 'pics'}", str(out), records_per_shard=5, batch_size=2,
+          progress=False)
+  return out
+
+
+def _files(directory) -> dict:
+  return {n: (directory / n).read_bytes() for n in sorted(os.listdir(directory))}
+
+
+def test_prepare_data_in_two_processes_is_one_process_bytes(pictures, one_process_latents):
+  """2 processes x 4 devices: every shard and latents.json byte for byte the one-process run's;
+  the process whose share holds the unreadable picture names it and counts it, the other is
+  not held up by it (both finish inside the timeout), and nothing temporary is left."""
+  out = pictures / "latents_2"
+  outs = finish(start_cli(_prepare_args(pictures, out), n=2, devices=4), timeout=240)
+  assert _files(out) == _files(one_process_latents)
+  meta = json.loads((out / "latents.json").read_text())
+  assert meta["unreadable"] == 1 and meta["unreadable_records"][0][0] == 8
+  assert BROKEN in meta["unreadable_records"][0][1]
+  reports = [json.loads(next(l for l in o.splitlines() if l.startswith('{"process"'))) for o in outs]
+  hit = [r["process"] for r in reports if r["unreadable"]]
+  assert hit == [1] and BROKEN in outs[1] and BROKEN not in outs[0]  # shard 1 is process 1's
+  assert sorted(r["shards_encoded"] for r in reports) == [2, 3]
+  assert "24 records (1 unreadable)" in outs[0]
+
+
+@pytest.mark.slow
+def test_prepare_data_killed_then_resumed_on_another_process_count(pictures, one_process_latents):
+  """3 processes x 2 devices on 1-record shards, one SIGKILLed after the first shards appear
+  (then the rest torn down, as a scheduler does); re-run on 2 processes: it encodes exactly the
+  missing shards, and the folder is the one-process run's (re-sharded the same way)."""
+  from mmar_jax.data.prepare import prepare
+  ref = pictures / "latents_1x1"
+  prepare(tiny_config(*VAE, ("init.vae", str(pictures / "vae"))), f"folder:{pictures / 'pics'}",
+          str(ref), records_per_shard=1, batch_size=2, progress=False)
+  out = pictures / "latents_killed"
+  procs = start_cli(_prepare_args(pictures, out, per_shard=1), n=3, devices=2)
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and len(list(out.glob("latents-*"))) < 3:
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGKILL)
+  for p in procs:
+    p.kill()
+  finish(procs, timeout=60, check=False)
+  left = 24 - len(list(out.glob("latents-*")))
+  assert 0 < left < 24 and not (out / "latents.json").exists()
+  outs = finish(start_cli(_prepare_args(pictures, out, per_shard=1), n=2, devices=4), timeout=240)
+  reports = [json.loads(next(l for l in o.splitlines() if l.startswith('{"process"'))) for o in outs]
+  assert sum(r["shards_encoded"] for r in reports) == left
+  assert _files(out) == _files(ref)  # also: no .progress/, no temporary file
+
+
+# -- generate --prompts --------------------------------------------------------------------------
+
+GEN = ["--ar-steps", 4, "--diffusion-steps", 3, "--seed", 5, "--num-per-prompt", 2]
+
+
+@pytest.fixture(scope="module")
+def sampling_run(tmp_path_factory):
+  from mmar_jax.train.loop import train
+  wd = tmp_path_factory.mktemp("sampling_run")
+  train(tiny_config(("steps", "2"), ("train.checkpoint_every", "2"), ("eval.at_end", "false")),
+        str(wd), progress=False)
+  prompts = wd / "prompts.txt"
+  prompts.write_text("a red square at the top left\n\na blue cross at the bottom right\n"
+                     "red circle\ngreen square\n")
+  return wd, prompts
+
+
+@pytest.fixture(scope="module")
+def one_process_images(sampling_run):
+  """The reference: generate --prompts in this process (8 devices, batch 8)."""
+  from mmar_jax import cli
+  wd, prompts = sampling_run
+  out = wd / "images_1"
+  assert cli.main([str(a) for a in ["generate", "--workdir", wd, "--prompts", prompts, "--out-dir", out,
+                                    "--batch-size", 8, *GEN]]) == 0
+  return out
+
+
+def _generate_args(sampling_run, out, batch):
+  wd, prompts = sampling_run
+  return ["generate", "--workdir", wd, "--prompts", prompts, "--out-dir", out, "--batch-size", batch,
+          *GEN]
+
+
+@pytest.mark.slow
+def test_generate_in_two_processes_is_one_process_bytes(sampling_run, one_process_images):
+  """2 processes x 4 devices, params FSDP-sharded over both, one global batch of 8: the same
+  PNG bytes and index.jsonl as one process; both processes wrote some of the files."""
+  out = sampling_run[0] / "images_2"
+  outs = finish(start_cli(_generate_args(sampling_run, out, 8), n=2, devices=4), timeout=300)
+  assert _files(out) == _files(one_process_images)
+  reports = [json.loads(o.splitlines()[-1]) for o in outs]
+  assert sorted(r["written_here"] for r in reports) == [4, 6]  # batch 2 is rows 0-1 of 8
+
+
+@pytest.mark.slow
+def test_generate_killed_then_resumed_on_another_process_count(sampling_run, one_process_images):
+  """3 processes x 2 devices (batch 6), one SIGKILLed after the first images are written; re-run
+  on 2 processes x 4 devices (batch 8): it draws exactly the missing images, the folder is the
+  one-process run's, and no temporary file is left."""
+  out = sampling_run[0] / "images_killed"
+  procs = start_cli(_generate_args(sampling_run, out, 6), n=3, devices=2)
+  deadline = time.monotonic() + 900  # compiling on a loaded 2-core machine can take minutes
+  while time.monotonic() < deadline and len(list(out.glob("*.png"))) < 2:
+    time.sleep(0.05)
+  procs[2].send_signal(signal.SIGKILL)
+  for p in procs:
+    p.kill()
+  finish(procs, timeout=60, check=False)
+  left = 10 - len(list(out.glob("*.png")))
+  assert 0 < left < 10
+  outs = finish(start_cli(_generate_args(sampling_run, out, 8), n=2, devices=4), timeout=300)
+  reports = [json.loads(o.splitlines()[-1]) for o in outs]
+  assert all(r["drawn"] == left for r in reports) and sum(r["written_here"] for r in reports) == left
+  assert _files(out) == _files(one_process_images)
