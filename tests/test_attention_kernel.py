@@ -169,6 +169,7 @@ def test_kernel_compiles_for_tpu():
   assert compiled.as_text().count("tpu_custom_call") >= 3
 
 
+@pytest.mark.slow  # a decoder's worth of interpreter compiles: past the default run's budget
 def test_qwen2_backbone_with_the_kernel():
   """`model.attention = flash_interpret` through the decoder equals einsum, left padding
   included; with a KV cache the flash names decode through einsum."""

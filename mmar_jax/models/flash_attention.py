@@ -236,6 +236,15 @@ def _params(semantics):
   return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
+def _cost(q, k, matmuls: int, operands) -> pl.CostEstimate:
+  """What XLA's cost analysis should count for a kernel (it sees a Mosaic call as free): `matmuls`
+  [T, S] x hd products per query head, dense (skipped tiles not subtracted), one exp per score."""
+  b, h, t, hd = q.shape
+  pairs = b * h * t * k.shape[2]
+  return pl.CostEstimate(flops=2 * matmuls * pairs * hd, transcendentals=pairs,
+                         bytes_accessed=sum(x.size * x.dtype.itemsize for x in operands))
+
+
 def _forward(q, k, v, ids, opts, scale):
   """q [B, H, T, hd], k/v [B, KV, S, hd] -> (o [B, H, T, hd], lse [B, H, _LSE_ROWS, T])."""
   b, h, t, hd = q.shape
@@ -265,7 +274,7 @@ def _forward(q, k, v, ids, opts, scale):
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, _LSE_ROWS, t), jnp.float32)],
       compiler_params=_params(("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=opts.interpret,
+      interpret=opts.interpret, cost_estimate=_cost(q, k, 2, (q, k, v, q)),
   )(qstat, kstat, k_lo, k_hi, *_id_operands(ids), q, k, v)
 
 
@@ -299,7 +308,7 @@ def _backward(q, k, v, o, lse, do, ids, opts, scale):
           scratch_shapes=[pltpu.VMEM((bk, hd), jnp.float32), pltpu.VMEM((bk, hd), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=_params(("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=opts.interpret,
+      interpret=opts.interpret, cost_estimate=_cost(q, k, 4, (q, k, v, o, do, k, v)),
   )(qstat, kstat, q_lo, q_hi, *operands)
 
   # dQ: grid (B, H, query block, key block) as the forward.
@@ -320,7 +329,7 @@ def _backward(q, k, v, o, lse, do, ids, opts, scale):
           scratch_shapes=[pltpu.VMEM((bq, hd), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_params(("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=opts.interpret,
+      interpret=opts.interpret, cost_estimate=_cost(q, k, 3, (q, k, v, o, do, q)),
   )(qstat, kstat, k_lo, k_hi, *operands)
   return dq, dk, dv
 
