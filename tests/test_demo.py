@@ -21,7 +21,8 @@ def test_demo_trains_and_evaluates_end_to_end(tmp_path):
   wd = str(tmp_path / "demo")
   run = _mmar("train", "--config", "configs/demo.py", "--workdir", wd, "--config.steps=2",
               "--config.train.batch_size=8", "--config.train.log_every=1",
-              "--config.eval.num_unconditional=2", "--config.eval.ar_steps=2",
+              "--config.eval.num_unconditional=2", "--config.eval.draws_per_prompt=1",
+              "--config.eval.ar_steps=2",
               "--config.eval.diffusion_steps=3")
   out = run.stdout
   assert run.returncode == 0, run.stderr[-3000:]
@@ -31,6 +32,10 @@ def test_demo_trains_and_evaluates_end_to_end(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in report[part].values())
   assert 0.0 <= report["unconditional_valid"] <= 1.0
   assert report["step"] == 2 and report["params"] == "ema" and report["sampling"]["ar_steps"] == 2
+  assert report["draws_per_prompt"] == 1 and report["num_unconditional"] == 2
+  # The new run estimated its token statistics from the demo data and stored them.
+  image = json.load(open(tmp_path / "demo" / "config.json"))["model"]["image"]
+  assert image["norm"] == "data" and len(image["token_scale"]) == len(image["token_shift"]) == 48
   for png in ("generated.png", "captions.png", "unconditional.png", "loss.png"):
     assert (tmp_path / "demo" / "eval" / png).stat().st_size > 0
   assert "report:" in out and "pictures:" in out
