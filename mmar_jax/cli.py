@@ -50,11 +50,8 @@ def _train_args(p):
 
 
 def _distributed_args(p):
-  p.add_argument("--coordinator", default=None,
-                 help="host:port of process 0 in a multi-process run (default: MMAR_COORDINATOR, "
-                      "or SLURM / TPU detection; see parallel/distributed.py)")
-  p.add_argument("--num-processes", type=int, default=None, help="with --coordinator")
-  p.add_argument("--process-id", type=int, default=None, help="with --coordinator")
+  from mmar_jax.parallel.distributed import add_arguments  # light: no JAX import at module level
+  add_arguments(p)
 
 
 def _prepare_data_args(p):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import sys
 import time
 
+from mmar_jax.parallel.distributed import add_arguments
+
 
 def add_generate_args(p):
   p.add_argument("--workdir", required=True)
@@ -35,7 +37,7 @@ def add_generate_args(p):
   p.add_argument("--temperature", type=float, default=1.0)
   _checkpoint_args(p)
   p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-  _distributed_args(p)
+  add_arguments(p)
 
 
 def add_caption_args(p):
@@ -51,15 +53,7 @@ def add_caption_args(p):
   p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: greedy)")
   p.add_argument("--seed", type=int, default=0)
   _checkpoint_args(p)
-  _distributed_args(p)
-
-
-def _distributed_args(p):
-  p.add_argument("--coordinator", default=None,
-                 help="host:port of process 0 in a multi-process run (default: MMAR_COORDINATOR, "
-                      "or SLURM / TPU detection; see parallel/distributed.py)")
-  p.add_argument("--num-processes", type=int, default=None, help="with --coordinator")
-  p.add_argument("--process-id", type=int, default=None, help="with --coordinator")
+  add_arguments(p)
 
 
 def _checkpoint_args(p):

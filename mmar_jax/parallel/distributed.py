@@ -26,6 +26,15 @@ from mmar_jax.errors import ConfigError
 OFF = ("0", "off", "false", "no")
 
 
+def add_arguments(p) -> None:
+  """The flags that join a multi-process run, for every command that can take part in one."""
+  p.add_argument("--coordinator", default=None,
+                 help="host:port of process 0 in a multi-process run (default: MMAR_COORDINATOR, "
+                      "or SLURM / TPU detection; see parallel/distributed.py)")
+  p.add_argument("--num-processes", type=int, default=None, help="with --coordinator")
+  p.add_argument("--process-id", type=int, default=None, help="with --coordinator")
+
+
 def plan(environ: Mapping[str, str] | None = None) -> dict | None:
   """The keyword arguments for `jax.distributed.initialize`, or None to stay single-process.
   Pure: reads only `environ`, so the rules are testable without starting processes."""
