@@ -94,14 +94,7 @@ def test_prepare_data_killed_then_resumed_on_another_process_count(pictures, one
           str(ref), records_per_shard=1, batch_size=2, progress=False)
   out = pictures / "latents_killed"
   procs = start_cli(_prepare_args(pictures, out, per_shard=1), n=3, devices=2)
-  deadline = time.monotonic() + 240
-  while time.monotonic() < deadline and len(list(out.glob("latents-*"))) < 3:
-    time.sleep(0.05)
-  procs[1].send_signal(signal.SIGKILL)
-  for p in procs:
-    p.kill()
-  finish(procs, timeout=60, check=False)
-  left = 24 - len(list(out.glob("latents-*")))
+  left = 24 - _kill_mid_run(procs, out, "latents-*", 3, wait_s=240, victim=1)
   assert 0 < left < 24 and not (out / "latents.json").exists()
   outs = finish(start_cli(_prepare_args(pictures, out, per_shard=1), n=2, devices=4), timeout=240)
   reports = [json.loads(next(l for l in o.splitlines() if l.startswith('{"process"'))) for o in outs]
@@ -161,16 +154,23 @@ def test_generate_killed_then_resumed_on_another_process_count(sampling_run, one
   one-process run's, and no temporary file is left."""
   out = sampling_run[0] / "images_killed"
   procs = start_cli(_generate_args(sampling_run, out, 6), n=3, devices=2)
-  deadline = time.monotonic() + 900  # compiling on a loaded 2-core machine can take minutes
-  while time.monotonic() < deadline and len(list(out.glob("*.png"))) < 2:
-    time.sleep(0.05)
-  procs[2].send_signal(signal.SIGKILL)
-  for p in procs:
-    p.kill()
-  finish(procs, timeout=60, check=False)
-  left = 10 - len(list(out.glob("*.png")))
+  # compiling on a loaded 2-core machine can take minutes
+  left = 10 - _kill_mid_run(procs, out, "*.png", 2, wait_s=900, victim=2)
   assert 0 < left < 10
   outs = finish(start_cli(_generate_args(sampling_run, out, 8), n=2, devices=4), timeout=300)
   reports = [json.loads(o.splitlines()[-1]) for o in outs]
   assert all(r["drawn"] == left for r in reports) and sum(r["written_here"] for r in reports) == left
   assert _files(out) == _files(one_process_images)
+
+
+def _kill_mid_run(procs, out, pattern: str, count: int, *, wait_s: float, victim: int) -> int:
+  """Once `count` outputs matching `pattern` are in `out` (or after `wait_s`), SIGKILLs process
+  `victim`, then the rest; returns how many outputs were left behind."""
+  deadline = time.monotonic() + wait_s
+  while time.monotonic() < deadline and len(list(out.glob(pattern))) < count:
+    time.sleep(0.05)
+  procs[victim].send_signal(signal.SIGKILL)
+  for p in procs:
+    p.kill()
+  finish(procs, timeout=60, check=False)
+  return len(list(out.glob(pattern)))
