@@ -80,12 +80,14 @@ def estimate(config, source) -> tuple[tuple[float, ...], tuple[float, ...]]:
   return tuple(float(v) for v in mean), tuple(float(v) for v in scale)
 
 
-def fill_config(config, source) -> None:
-  """Estimates and stores the statistics in `config` when it normalises by data and has none."""
+def fill_config(config) -> None:
+  """Estimates and stores the statistics in `config` when it normalises by data and has none
+  (a new run); the data source is opened only then."""
+  from mmar_jax.data.sources import make_source
   image = config.model.image
   if image.norm != "data" or image.token_scale:
     return
-  shift, scale = estimate(config, source)
+  shift, scale = estimate(config, make_source(config))
   image.token_shift, image.token_scale = shift, scale
   log.info("token statistics from %d records: mean of channel means %.4f, of stds %.4f",
            int(config.data.norm_samples), float(np.mean(shift)), float(np.mean(1.0 / np.asarray(scale))))

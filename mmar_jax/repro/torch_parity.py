@@ -47,9 +47,8 @@ def _setup(workdir, config=None):
   from mmar_jax.data.text_tokenizer import load_text_tokenizer
   if config is None:
     from mmar_jax.data import token_stats
-    from mmar_jax.data.sources import make_source
     config = tiny_config(("model.head.learn_sigma", "true"), ("model.image.norm", "data"))
-    token_stats.fill_config(config, make_source(config))
+    token_stats.fill_config(config)
   tokenizer = load_text_tokenizer(config.text_tokenizer)
   mcfg = _fp32(model_config(config, tokenizer))
   params = nnx.split(MMAR(mcfg, rngs=nnx.Rngs(0)))[1].to_pure_dict()

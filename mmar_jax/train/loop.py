@@ -83,7 +83,7 @@ def _train(config, workdir, preempt, stop_at, progress):
   wd.mkdir(parents=True, exist_ok=True)
   _refuse_cpu_mesh(config)
   from mmar_jax.data import token_stats
-  token_stats.fill_config(config, make_source(config))  # a new run with model.image.norm=data
+  token_stats.fill_config(config)  # a new run with model.image.norm=data
   tokenizer, mcfg, tr = setup(config, workdir)
   if jax.process_index() == 0:
     (wd / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
