@@ -1,17 +1,25 @@
-"""`mmar-jax`: the one command-line entry point.
+"""`mmar-jax`: the command line's parser and dispatch.
 
-Nothing heavy is imported at module level: `--cpu-devices` must reach XLA before JAX starts, and
-each subcommand imports only what it needs (torch, transformers, tfds cost seconds).
-Each subcommand is `name -> (module:function, add_arguments)`; the function takes the parsed
-arguments (plus `args.config_overrides`) and returns an exit code.
+Imported by `mmar_jax.__main__` after `startup.configure` has given XLA its flags, so the command
+modules (and JAX) are imported here at the top. Each subcommand is
+`name -> (function, add_arguments, help)`; the function takes the parsed arguments (plus
+`args.config_overrides`) and returns an exit code.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
+
+from mmar_jax.commands import (bench, bench_memory, bench_torch, diagnose, diagnose_context,
+                               evaluate, export, fid, safetensors_to_jax, sample, train,
+                               understanding)
+from mmar_jax.config import split_override_args
+from mmar_jax.convert import hf, mar_head, mar_vae
+from mmar_jax.data import prepare
+from mmar_jax.errors import ConfigError, ConversionError, InputError
+from mmar_jax.parallel.distributed import add_arguments as _distributed_args
+from mmar_jax.repro import cli as repro_cli
 
 
 def _convert_args(p: argparse.ArgumentParser, kind: str):
@@ -49,11 +57,6 @@ def _train_args(p):
   _distributed_args(p)
 
 
-def _distributed_args(p):
-  from mmar_jax.parallel.distributed import add_arguments  # light: no JAX import at module level
-  add_arguments(p)
-
-
 def _prepare_data_args(p):
   p.add_argument("--config", required=True, help="config file[:variant] (model.image, init.vae)")
   p.add_argument("--src", required=True,
@@ -73,16 +76,6 @@ def _eval_args(p):
   p.add_argument("--workdir", required=True)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--params", default="ema", choices=("ema", "raw"))
-
-
-def _repro_args(p):
-  from mmar_jax.repro import cli as repro_cli  # light: imports nothing heavy at module level
-  repro_cli.add_args(p)
-
-
-def _sample_args(p, kind: str):
-  from mmar_jax.commands import sample as sample_cli  # light: imports nothing heavy at module level
-  (sample_cli.add_generate_args if kind == "generate" else sample_cli.add_caption_args)(p)
 
 
 def _bench_memory_args(p):
@@ -119,33 +112,32 @@ def _context_args(p):
 
 # name -> (target, add_arguments, help)
 COMMANDS = {
-    "train": ("mmar_jax.commands.train:cli_train", _train_args, "train, or resume when --workdir has checkpoints"),
-    "prepare-data": ("mmar_jax.data.prepare:cli_prepare_data", _prepare_data_args,
+    "train": (train.cli_train, _train_args, "train, or resume when --workdir has checkpoints"),
+    "prepare-data": (prepare.cli_prepare_data, _prepare_data_args,
                      "images + captions -> encoded latents in ArrayRecord shards (data.source latents:DIR)"),
-    "repro": ("mmar_jax.repro.cli:cli_repro", _repro_args,
+    "repro": (repro_cli.cli_repro, repro_cli.add_args,
               "reproducibility checks: a pass/fail table, non-zero exit on failure"),
-    "generate": ("mmar_jax.commands.sample:cli_generate", lambda p: _sample_args(p, "generate"),
+    "generate": (sample.cli_generate, sample.add_generate_args,
                  "text to image (no --prompt: unconditional)"),
-    "caption": ("mmar_jax.commands.sample:cli_caption", lambda p: _sample_args(p, "caption"),
+    "caption": (sample.cli_caption, sample.add_caption_args,
                 "image to text (also answers --question)"),
 }
 CONVERT = {
     name: (target, lambda p, name=name: _convert_args(p, name), help_)
     for name, target, help_ in (
-        ("hf-to-jax", "mmar_jax.convert.hf:cli_hf_to_jax", "HuggingFace Qwen2 directory -> JAX params"),
-        ("jax-to-hf", "mmar_jax.commands.export:cli_jax_to_hf", "JAX backbone -> HuggingFace Qwen2 directory"),
-        ("mar-vae", "mmar_jax.convert.mar_vae:cli_mar_vae", "MAR KL-16 VAE -> JAX"),
-        ("jax-to-mar-vae", "mmar_jax.commands.export:cli_jax_to_mar_vae", "JAX VAE -> MAR layout safetensors"),
-        ("mar-head", "mmar_jax.convert.mar_head:cli_mar_head", "MAR diffusion head -> JAX"),
-        ("jax-to-mar-head", "mmar_jax.commands.export:cli_jax_to_mar_head",
+        ("hf-to-jax", hf.cli_hf_to_jax, "HuggingFace Qwen2 directory -> JAX params"),
+        ("jax-to-hf", export.cli_jax_to_hf, "JAX backbone -> HuggingFace Qwen2 directory"),
+        ("mar-vae", mar_vae.cli_mar_vae, "MAR KL-16 VAE -> JAX"),
+        ("jax-to-mar-vae", export.cli_jax_to_mar_vae, "JAX VAE -> MAR layout safetensors"),
+        ("mar-head", mar_head.cli_mar_head, "MAR diffusion head -> JAX"),
+        ("jax-to-mar-head", export.cli_jax_to_mar_head,
          "JAX head -> MAR layout safetensors"),
-        ("jax-to-safetensors", "mmar_jax.commands.export:cli_jax_to_safetensors",
+        ("jax-to-safetensors", export.cli_jax_to_safetensors,
          "a training workdir's whole model -> safetensors under documented names + mmar_config.json"),
     )
 }
 CONVERT["safetensors-to-jax"] = (
-    "mmar_jax.commands.safetensors_to_jax:cli_safetensors_to_jax",
-    lambda p: __import__("mmar_jax.commands.safetensors_to_jax", fromlist=["add_args"]).add_args(p),
+    safetensors_to_jax.cli_safetensors_to_jax, safetensors_to_jax.add_args,
     "a jax-to-safetensors output (edited in PyTorch) -> a new training workdir that train resumes")
 
 
@@ -163,22 +155,17 @@ def _bench_torch_args(p):
 
 
 BENCH = {
-    what: ("mmar_jax.commands.bench:cli_bench", lambda p, what=what: (_bench_args(p), p.set_defaults(what=what)),
+    what: (bench.cli_bench, lambda p, what=what: (_bench_args(p), p.set_defaults(what=what)),
            help_)
     for what, help_ in (("train", "train-step time, tokens/s, MFU, peak memory"),
                         ("generate", "text-to-image images/s (masked AR with guidance)"),
                         ("caption", "image-to-text tokens/s (KV-cached decoding)"),
                         ("convert", "hf-to-jax + jax-to-hf time of a random checkpoint"))
 }
-BENCH["torch-train"] = ("mmar_jax.commands.bench_torch:cli_bench_torch", _bench_torch_args,
+BENCH["torch-train"] = (bench_torch.cli_bench_torch, _bench_torch_args,
                         "the same train step in PyTorch eager (CPU reference), same keys")
-BENCH["memory"] = ("mmar_jax.commands.bench_memory:cli_bench_memory", _bench_memory_args,
+BENCH["memory"] = (bench_memory.cli_bench_memory, _bench_memory_args,
                    "the train step's memory per device from an ahead-of-time compile")
-
-
-def _fid_args(p):
-  from mmar_jax.commands import fid  # light: imports nothing heavy at module level
-  fid.add_args(p)
 
 
 def _understanding_args(p):
@@ -192,19 +179,19 @@ def _understanding_args(p):
 
 
 EVAL = {
-    "demo": ("mmar_jax.commands.evaluate:cli_eval", _eval_args,
+    "demo": (evaluate.cli_eval, _eval_args,
              "the demo's held-out evaluation: understanding and generation accuracy, pictures "
              "(the default: `eval --workdir DIR`)"),
-    "fid": ("mmar_jax.commands.fid:cli_fid", _fid_args,
+    "fid": (fid.cli_fid, fid.add_args,
             "FID of an image folder against a folder or .npz statistics (pytorch-fid's Inception)"),
-    "understanding": ("mmar_jax.commands.understanding:cli_eval_understanding", _understanding_args,
+    "understanding": (understanding.cli_eval_understanding, _understanding_args,
                       "a benchmark JSONL: open answers by exact match, multiple choice by likelihood"),
 }
 
 DIAGNOSE = {
-    "numerics": ("mmar_jax.commands.diagnose:cli_numerics", _numerics_args,
+    "numerics": (diagnose.cli_numerics, _numerics_args,
                  "bf16 error of eps / v / x0 parameterisations: table, numerics.json, plot"),
-    "context": ("mmar_jax.commands.diagnose_context:cli_context", _context_args,
+    "context": (diagnose_context.cli_context, _context_args,
                 "does the image block use the drawn tokens: masked loss by visible count, with "
                 "the LLM's or the ViT's context cut; attention shares; head vs nearest neighbour"),
 }
@@ -235,7 +222,8 @@ def _global_args(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="mmar-jax", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      prog="mmar-jax", description="MMAR in JAX: train, sample, convert, evaluate, reproduce")
   sub = parser.add_subparsers(dest="command", required=True)
   for name, (target, add, help_) in COMMANDS.items():
     p = sub.add_parser(name, help=help_)
@@ -253,22 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def setup_jax_environment(cpu_devices: int | None):
-  """Must run before JAX is imported: simulated devices and the persistent compile cache."""
-  if cpu_devices:
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}".strip()
-  import jax
-  cache = os.environ.get("MMAR_JAX_CACHE", os.path.expanduser("~/.cache/mmar_jax/xla"))
-  if cache and cache != "off":
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
 def main(argv=None) -> int:
-  from mmar_jax.config import split_override_args
-  from mmar_jax.errors import ConfigError, ConversionError, InputError
-
+  """Parses and runs one command; XLA's flags must already be set (`mmar_jax.__main__`)."""
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     argv, overrides = split_override_args(argv)
@@ -279,22 +253,8 @@ def main(argv=None) -> int:
   if getattr(args, "mesh", None):
     overrides.append(("mesh", args.mesh))
   args.config_overrides = overrides
-  if args.command == "repro":
-    from mmar_jax.repro.cli import prepare_environment
-    for note in prepare_environment():
-      print(f"[repro] {note}", file=sys.stderr)
-    # Simulated devices only affect the CPU platform: harmless where an accelerator is present.
-    args.cpu_devices = args.cpu_devices or 8
-  setup_jax_environment(args.cpu_devices)
-  module_name, func_name = args.target.split(":")
-  import importlib
-  func = getattr(importlib.import_module(module_name), func_name)
   try:
-    return int(func(args) or 0)
+    return int(args.target(args) or 0)
   except (ConfigError, ConversionError, InputError, FileNotFoundError, FileExistsError) as e:
     print(f"mmar-jax: error: {e}", file=sys.stderr)
     return 2
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -19,11 +19,38 @@ from ml_collections import config_dict
 from mmar_jax.errors import ConfigError
 
 
+def _packaged_configs() -> str:
+  """The shipped configs: `mmar_jax.configs` in an installed package (pyproject.toml maps the
+  repository's `configs/` there), else the checkout's `configs/` beside the package."""
+  try:
+    spec = importlib.util.find_spec("mmar_jax.configs")
+  except ImportError:
+    spec = None
+  if spec is not None and spec.submodule_search_locations:
+    return list(spec.submodule_search_locations)[0]
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def config_path(path: str) -> str:
+  """A config file on disk: the path as given when it exists (a user's own or edited copy), else
+  the shipped config of that name (`configs/demo.py`, `demo.py` or `demo`), so an installed
+  package runs the README's commands from any directory."""
+  if os.path.isfile(path):
+    return path
+  parent, name = os.path.split(path)
+  if parent in ("", "configs"):
+    shipped = os.path.join(_packaged_configs(), name if name.endswith(".py") else name + ".py")
+    if os.path.isfile(shipped):
+      return shipped
+  raise ConfigError(f"config file not found: {path} (nor a shipped config of that name in "
+                    f"{_packaged_configs()})")
+
+
 def load_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path/to/cfg.py[:arg]` and calls its `get_config(arg)`."""
+  """Loads `path/to/cfg.py[:arg]` (or a shipped config's name, `demo:arg`) and calls its
+  `get_config(arg)`."""
   path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file not found: {path}")
+  path = config_path(path)
   module_spec = importlib.util.spec_from_file_location(
       f"_mmar_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(module_spec)
@@ -82,6 +109,11 @@ def _lookup(cfg: ml_collections.ConfigDict, dotted: str):
     ref = node.get_ref(part) if not isinstance(node[part], ml_collections.ConfigDict) else None
     node = ref if ref is not None and ref.get() is None else node[part]
   return parent, parts[-1], node
+
+
+def load(spec: str, overrides: Iterable[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+  """`load_file(spec)` with `(dotted_key, raw_string)` overrides applied."""
+  return apply_overrides(load_file(spec), overrides)
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[tuple[str, str]]):

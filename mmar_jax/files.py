@@ -17,6 +17,7 @@ import tempfile
 from typing import Iterator
 
 import jax
+import orbax.checkpoint as ocp
 from etils import epath
 
 from mmar_jax.errors import InputError
@@ -107,7 +108,6 @@ def read_json(directory, name: str) -> dict:
 # target so a checkpoint written on one topology restores on another.
 
 def save_params(directory: str, params: dict) -> None:
-  import orbax.checkpoint as ocp
   path = epath.Path(directory) / "params"
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path.absolute() if hasattr(path, "absolute") else path, params)
@@ -116,7 +116,6 @@ def save_params(directory: str, params: dict) -> None:
 
 def param_metadata(directory: str) -> dict:
   """{name: ShapeDtypeStruct} nested dict as stored, without reading the arrays."""
-  import orbax.checkpoint as ocp
   path = epath.Path(directory) / "params"
   if not path.exists():
     raise FileNotFoundError(f"no params/ checkpoint in {directory}")
@@ -131,7 +130,6 @@ def param_metadata(directory: str) -> dict:
 def load_params(directory: str, target=None, sharding=None) -> dict:
   """Restores params; `target` is a tree of ShapeDtypeStruct (with shardings) or None (as stored,
   on this process's first device: in a multi-process run each process reads its own copy)."""
-  import orbax.checkpoint as ocp
   path = epath.Path(directory) / "params"
   if target is None:
     dev = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

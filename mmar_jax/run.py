@@ -17,9 +17,14 @@ import logging
 import jax
 import numpy as np
 from etils import epath
+from flax import nnx
 
 from mmar_jax.errors import ConversionError
+from mmar_jax.models.mmar import MMAR
+from mmar_jax.parallel import sharding
+from mmar_jax.parallel.mesh import make_mesh
 from mmar_jax.train.checkpoint import restore_params
+from mmar_jax.train.step import build
 from mmar_jax.train.workdir import model_setup, resolve_config
 
 
@@ -40,16 +45,11 @@ class Run:
   @functools.cached_property
   def trainer(self):
     """The run's Trainer on the config's mesh (graphdef, shardings, optimizer)."""
-    from mmar_jax.parallel.mesh import make_mesh
-    from mmar_jax.train.step import build
     return build(self.config, self.model_cfg, make_mesh(self.config.mesh, self.config.mesh_dcn))
 
   def abstract_params(self, on_host: bool = False) -> dict:
     """ShapeDtypeStructs of the params: sharded over the run's mesh, or on this host's first CPU
     device (nothing allocated either way)."""
-    from flax import nnx
-
-    from mmar_jax.models.mmar import MMAR
     if on_host:
       shapes = nnx.split(nnx.eval_shape(lambda: MMAR(self.model_cfg, rngs=nnx.Rngs(0))))[1]
       device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
@@ -81,7 +81,6 @@ class Run:
 
   def context(self):
     """The run's mesh and sharding rules, under which activations are constrained as in training."""
-    from mmar_jax.parallel import sharding
     stack = contextlib.ExitStack()
     stack.enter_context(jax.set_mesh(self.trainer.mesh))
     stack.enter_context(sharding.use_rules(self.config.sharding_rules))

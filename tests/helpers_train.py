@@ -19,7 +19,7 @@ def train_cmd(workdir, *overrides, cpu_devices: int = 8, python_prelude: str | N
   """The command line of a training subprocess; `python_prelude` runs first (monkeypatches)."""
   head = [sys.executable, "-m", "mmar_jax"]
   if python_prelude:
-    head = [sys.executable, "-c", python_prelude + "\nimport sys\nfrom mmar_jax.cli import main\n"
+    head = [sys.executable, "-c", python_prelude + "\nimport sys\nfrom mmar_jax.__main__ import main\n"
             "sys.exit(main(sys.argv[1:]))"]
   return head + ["train", "--cpu-devices", str(cpu_devices), "--config", os.path.join(ROOT, TINY),
                  "--workdir", str(workdir), *LOGGED, *overrides]

@@ -29,7 +29,7 @@ from PIL import Image
 
 from fid_reference import random_state_dict
 from mmar_jax import cli
-from mmar_jax.commands import fid
+from mmar_jax.commands import evaluate, fid
 from mmar_jax.convert import inception as conv
 from mmar_jax.errors import ConversionError
 from mmar_jax.models import inception as net
@@ -177,11 +177,11 @@ def test_missing_weights_file_names_it_and_where_to_get_it(tmp_path, capsys):
 def test_eval_is_a_group_whose_flags_first_mean_the_demo():
   parse = lambda *argv: cli.build_parser().parse_args(cli.with_default_subcommand(list(argv)))
   demo = parse("eval", "--workdir", "W", "--step", "3", "--params", "raw")
-  assert demo.target == "mmar_jax.commands.evaluate:cli_eval"
+  assert demo.target is evaluate.cli_eval
   assert (demo.eval, demo.workdir, demo.step, demo.params) == ("demo", "W", 3, "raw")
   assert vars(parse("eval", "demo", "--workdir", "W", "--step", "3", "--params", "raw")) == vars(demo)
   got = parse("eval", "fid", "--images", "A", "--ref-stats", "s.npz", "--inception", "w.pth")
-  assert got.target == "mmar_jax.commands.fid:cli_fid" and got.batch_size == 50
+  assert got.target is fid.cli_fid and got.batch_size == 50
   with pytest.raises(SystemExit):  # one reference at a time
     parse("eval", "fid", "--images", "A", "--ref-stats", "s.npz", "--ref-images", "B",
           "--inception", "w.pth")

@@ -35,8 +35,8 @@ def start_workers(workdir, *overrides, n: int = 2, devices: int = 4) -> list[sub
 WORKER = """
 import sys
 import numpy as np
-from mmar_jax.cli import setup_jax_environment
-setup_jax_environment(4)
+from mmar_jax import startup
+startup.configure(["--cpu-devices", "4"])
 from mmar_jax.parallel import distributed
 workdir, address, pid, out = sys.argv[1:5]
 distributed.maybe_initialize(distributed.with_flags(address, 2, int(pid)))

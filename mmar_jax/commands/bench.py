@@ -10,17 +10,35 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import shutil
 import statistics
+import tempfile
 import time
 
 import jax
 import numpy as np
+from flax import nnx
+
+from mmar_jax import config as config_lib
+from mmar_jax.convert import hf
+from mmar_jax.convert.hf import make_tiny_hf_checkpoint
+from mmar_jax.data import token_stats
+from mmar_jax.data.pipeline import kind_counts
+from mmar_jax.data.text_tokenizer import load_text_tokenizer
+from mmar_jax.files import load_params
+from mmar_jax.models.mmar import MMAR, model_config
+from mmar_jax.parallel.mesh import make_mesh
+from mmar_jax.sample.image import generate_tokens
+from mmar_jax.sample.text import caption_tokens
+from mmar_jax.train import flops as flops_lib
+from mmar_jax.train.metrics import peak_flops
+from mmar_jax.train.step import abstract_train_state, build, init_state, make_train_step
 
 
 def synthetic_batch(mcfg, config, seed: int = 0) -> dict:
   """Full-length captions and random image tokens (no pixels), the kinds in the fixed counts
   of `data.mix` as every real batch has them (all `[text][img]` with configs/bench.py)."""
-  from mmar_jax.data.pipeline import kind_counts
   b = config.train.batch_size
   rng = np.random.default_rng(seed)
   im = config.model.image
@@ -44,13 +62,6 @@ def _peak_bytes(compiled) -> int | None:
 
 
 def bench_train(config, steps: int = 10, warmup: int = 3) -> dict:
-  from mmar_jax.data.text_tokenizer import load_text_tokenizer
-  from mmar_jax.models.mmar import model_config
-  from mmar_jax.parallel.mesh import make_mesh
-  from mmar_jax.train import flops as flops_lib
-  from mmar_jax.train.metrics import peak_flops
-  from mmar_jax.train.step import abstract_train_state, build, init_state, make_train_step
-
   mcfg = model_config(config, load_text_tokenizer(config.text_tokenizer))
   tr = build(config, mcfg, make_mesh(config.mesh, config.mesh_dcn))
   state = init_state(tr)
@@ -86,9 +97,6 @@ def bench_train(config, steps: int = 10, warmup: int = 3) -> dict:
 
 
 def _model(config, seed: int = 0):
-  from flax import nnx
-  from mmar_jax.data.text_tokenizer import load_text_tokenizer
-  from mmar_jax.models.mmar import MMAR, model_config
   mcfg = model_config(config, load_text_tokenizer(config.text_tokenizer))
   return mcfg, MMAR(mcfg, rngs=nnx.Rngs(seed))
 
@@ -110,7 +118,6 @@ def _timed(fn, steps: int, warmup: int = 1) -> tuple[float, float]:
 def bench_generate(config, steps: int = 3) -> dict:
   """Masked-AR text-to-image with guidance: a batch of `train.batch_size` captions,
   `eval.ar_steps` image steps, `eval.diffusion_steps` DDPM steps."""
-  from mmar_jax.sample.image import generate_tokens
   mcfg, model = _model(config)
   b = config.train.batch_size
   batch = synthetic_batch(mcfg, config)
@@ -127,7 +134,6 @@ def bench_generate(config, steps: int = 3) -> dict:
 def bench_caption(config, steps: int = 3) -> dict:
   """Greedy captioning of a batch: the image encoded once, `model.max_text_len` tokens decoded
   with the KV cache (EOS is ignored by forcing an impossible EOS id, so every row runs fully)."""
-  from mmar_jax.sample.text import caption_tokens
   mcfg, model = _model(config)
   b = config.train.batch_size
   im = config.model.image
@@ -144,12 +150,6 @@ def bench_caption(config, steps: int = 3) -> dict:
 
 def bench_convert(config, steps: int = 1) -> dict:
   """hf-to-jax then jax-to-hf of a random checkpoint of the config's backbone shape (bf16)."""
-  import resource
-  import shutil
-  import tempfile
-  from mmar_jax.convert import hf
-  from mmar_jax.files import load_params
-  from mmar_jax.convert.hf import make_tiny_hf_checkpoint
   b = config.model.backbone
   tmp = tempfile.mkdtemp()
   try:
@@ -186,10 +186,8 @@ def _device_peak() -> int | None:
 
 
 def cli_bench(args) -> int:
-  from mmar_jax import config as config_lib
   config = config_lib.load_file(args.config)
   config_lib.apply_overrides(config, args.config_overrides)
-  from mmar_jax.data import token_stats
   token_stats.shapes_only(config)
   runners = {"train": bench_train, "generate": bench_generate, "caption": bench_caption,
              "convert": bench_convert}

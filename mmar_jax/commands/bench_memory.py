@@ -32,12 +32,19 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import topologies
 
 from mmar_jax import config as config_lib
 from mmar_jax.commands import bench_cost
+from mmar_jax.data import token_stats
+from mmar_jax.data.text_tokenizer import load_text_tokenizer
 from mmar_jax.launch.tpu_names import (LaunchError, parse_accelerator_type, topology_kwargs,
                                        topology_name)
-from mmar_jax.train.step import loss_rows
+from mmar_jax.models.mmar import model_config
+from mmar_jax.parallel import sharding
+from mmar_jax.parallel.mesh import make_mesh
+from mmar_jax.train.flops import train_step_flops
+from mmar_jax.train.step import abstract_train_state, build, loss_rows, make_train_step
 
 # Qwen2's tokenizer (len 151646; <|endoftext|> pads, <|im_end|> ends), for configs whose tokenizer
 # directory is not on this machine: only the ids matter for shapes.
@@ -56,7 +63,6 @@ class ShapeOnlyTokenizer:
 def text_tokenizer(config):
   """The config's tokenizer if it loads here, else Qwen2's ids (memory does not depend on the
   tokenizer beyond its size, which here never changes the embedding's rows)."""
-  from mmar_jax.data.text_tokenizer import load_text_tokenizer
   try:
     return load_text_tokenizer(config.text_tokenizer)
   except (OSError, ValueError):
@@ -73,7 +79,6 @@ def target_devices(topology: str | None, num_slices: int) -> tuple[list, str]:
     raise config_lib.ConfigError(
         f"--topology {topology} compiles for a real TPU and needs libtpu: pip install "
         f"'jax[tpu]==0.10.2' (or drop --topology for a CPU estimate with --cpu-devices N)")
-  from jax.experimental import topologies
   name, kwargs = _topology(topology)
   if num_slices > 1:
     kwargs["num_slices"] = num_slices
@@ -112,10 +117,6 @@ def abstract_batch(config, mcfg, sharding) -> dict:
 
 def compile_step(config, devices):
   """(trainer, abstract state, abstract batch, compiled step) without allocating the state."""
-  from mmar_jax.models.mmar import model_config
-  from mmar_jax.parallel import sharding
-  from mmar_jax.parallel.mesh import make_mesh
-  from mmar_jax.train.step import abstract_train_state, build, make_train_step
   mcfg = model_config(config, text_tokenizer(config))
   mesh = make_mesh(config.mesh, config.mesh_dcn, devices)
   tr = build(config, mcfg, mesh)
@@ -241,7 +242,6 @@ def memory_report(config, topology: str | None = None, cost: bool = True) -> dic
 
 def step_cost(config, devices, tr, compiled, chip, total_bytes: int) -> dict:
   """The compiler's cost of the step on this chip (bench_cost.py), per chip, an estimate."""
-  from mmar_jax.train.flops import train_step_flops
   gen, figures = chip
   t0 = time.perf_counter()
   cost = bench_cost.layer_extrapolated_cost(config, devices, compile_step)
@@ -258,7 +258,6 @@ def step_cost(config, devices, tr, compiled, chip, total_bytes: int) -> dict:
 def cli_bench_memory(args) -> int:
   config = config_lib.load_file(args.config)
   config_lib.apply_overrides(config, args.config_overrides)
-  from mmar_jax.data import token_stats
   token_stats.shapes_only(config)
   print(json.dumps(memory_report(config, args.topology, cost=not args.no_cost)), flush=True)
   return 0

@@ -32,6 +32,16 @@ import resource
 import statistics
 import time
 
+from mmar_jax import config as config_lib
+from mmar_jax.commands.bench import synthetic_batch
+from mmar_jax.data import token_stats
+from mmar_jax.data.text_tokenizer import load_text_tokenizer
+from mmar_jax.diffusion import schedule as sched_lib
+from mmar_jax.models.mmar import model_config
+from mmar_jax.pytorch.model import MMAR, resolved_config
+from mmar_jax.train import flops as flops_lib
+from mmar_jax.train.optimizer import schedule
+
 
 def _check_supported(config, mcfg) -> None:
   m, im = config.model, config.model.image
@@ -53,16 +63,9 @@ def _check_supported(config, mcfg) -> None:
 def bench_torch_train(config, steps: int = 10, warmup: int = 3, compile: bool = False,
                       threads: int | None = None, gather: bool = False) -> dict:
   """One JSON-able dict with `bench train`'s keys; `threads` defaults to every CPU core."""
-  import torch
-  import transformers
+  import torch  # lazy: seconds to import, this path only
+  import transformers  # lazy: seconds to import, this path only
 
-  from mmar_jax.commands.bench import synthetic_batch
-  from mmar_jax.data.text_tokenizer import load_text_tokenizer
-  from mmar_jax.diffusion import schedule as sched_lib
-  from mmar_jax.models.mmar import model_config
-  from mmar_jax.pytorch.model import MMAR, resolved_config
-  from mmar_jax.train import flops as flops_lib
-  from mmar_jax.train.optimizer import schedule
 
   config = config.copy_and_resolve_references()
   config.model.compute_dtype = "float32"  # the reference runs fp32 (as the JAX bench on CPU)
@@ -171,10 +174,8 @@ def bench_torch_train(config, steps: int = 10, warmup: int = 3, compile: bool = 
 
 
 def cli_bench_torch(args) -> int:
-  from mmar_jax import config as config_lib
   config = config_lib.load_file(args.config)
   config_lib.apply_overrides(config, args.config_overrides)
-  from mmar_jax.data import token_stats
   token_stats.shapes_only(config)
   result = bench_torch_train(config, steps=args.steps, compile=args.compile, threads=args.threads,
                              gather=args.gather)

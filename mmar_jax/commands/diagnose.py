@@ -48,12 +48,22 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from etils import epath
+from flax import nnx
 
+from mmar_jax.data.pipeline import global_batch, make_batcher
+from mmar_jax.data.shapes import ShapesDataset, ShapesSpec
+from mmar_jax.data.sources import make_source
 from mmar_jax.diffusion import numerics as nm
+from mmar_jax.diffusion import parameterization as par
+from mmar_jax.errors import ConfigError
 from mmar_jax.files import write_bytes_atomic
 from mmar_jax.models import head_precision as hp
-from mmar_jax.diffusion import parameterization as par
+from mmar_jax.models.diffusion_head import DiffusionHead, HeadConfig, forward, head_params
+from mmar_jax.models.image_tokenizer import PatchifyTokenizer
+from mmar_jax.models.mmar import MMARConfig, step_draws
+from mmar_jax.run import Run
 
 OUTPUTS = ("numerics.json", "numerics_meta.json", "numerics.png")
 EVAL_SEED = 1234  # the bucket draws: the same for every head
@@ -81,7 +91,6 @@ class DemoSetup:
   seed: int = 0
 
   def head_cfg(self, prediction: str):
-    from mmar_jax.models.diffusion_head import HeadConfig
     return HeadConfig(token_channels=3 * self.patch_size ** 2, cond_dim=self.cond_dim,
                       width=self.width, depth=self.depth, prediction=prediction,
                       compute_dtype="float32")
@@ -91,8 +100,6 @@ def demo_pool(setup: DemoSetup) -> tuple[np.ndarray, np.ndarray]:
   """Every token of the demo's training images (x0 [M, C]) and a condition per token (z [M, D]):
   a fixed random embedding of (colour, shape, position, token index), so z tells the head which
   image and which patch it is drawing, as an LLM's output would."""
-  from mmar_jax.data.shapes import ShapesDataset, ShapesSpec
-  from mmar_jax.models.image_tokenizer import PatchifyTokenizer
   spec = ShapesSpec(image_size=setup.image_size, seed=setup.seed)
   ds = ShapesDataset(spec, split="train")
   items = [ds[i] for i in range(len(ds))]
@@ -111,8 +118,6 @@ def demo_pool(setup: DemoSetup) -> tuple[np.ndarray, np.ndarray]:
 
 def _train_chunk_fn(cfg, tx, setup: DemoSetup):
   """A jitted scan over `setup.chunk` steps; the draws of step s depend only on (seed, s)."""
-  from mmar_jax.models.diffusion_head import forward
-
   def loss_fn(params, x0, z, t, noise):
     head = lambda a, b, c: forward(params, cfg, a, b, c)
     return par.masked_mean(*par.diffusion_loss(head, x0, z, jnp.ones(x0.shape[:1]), t, noise,
@@ -139,9 +144,6 @@ def _train_chunk_fn(cfg, tx, setup: DemoSetup):
 
 def train_demo_head(prediction: str, x0_pool, z_pool, setup: DemoSetup = DemoSetup(), log=_log):
   """(fp32 params, mean loss of the last chunk) of one demo head."""
-  import optax
-  from flax import nnx
-  from mmar_jax.models.diffusion_head import DiffusionHead, head_params
   cfg = setup.head_cfg(prediction)
   params = head_params(DiffusionHead(cfg, rngs=nnx.Rngs(setup.seed)))
   tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, setup.lr, setup.warmup, setup.steps))
@@ -160,7 +162,6 @@ def train_demo_head(prediction: str, x0_pool, z_pool, setup: DemoSetup = DemoSet
 
 def run_head_cfg(workdir):
   """The HeadConfig of a workdir (model_config.json; nothing restored)."""
-  from mmar_jax.models.mmar import MMARConfig
   path = epath.Path(workdir) / "model_config.json"
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
@@ -172,10 +173,6 @@ def run_pool(workdir, step=None, which="ema", n_tokens=nm.MIN_TOKENS, max_batche
   """(head params, head cfg, x0 [M, C], z [M, D], positions [M] or None, info) of a workdir:
   masked tokens of its training batches with the conditions the run's own LLM gives them (mask
   ratio drawn as in training, no caption drop). Params are read onto one device, as `eval` does."""
-  from mmar_jax.data.pipeline import global_batch, make_batcher
-  from mmar_jax.data.sources import make_source
-  from mmar_jax.models.mmar import step_draws
-  from mmar_jax.run import Run
   run = Run(workdir, overrides)
   config, mcfg, tr = run.config, run.model_cfg, run.trainer
   params, step = run.params(step, which)
@@ -335,9 +332,9 @@ def format_table(result: dict) -> str:
 
 
 def plot_png(result: dict) -> bytes:
-  import matplotlib
+  import matplotlib  # lazy: only the plot needs it
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # lazy: only the plot needs it
   colours = {"eps": "tab:red", "v": "tab:blue", "x0": "tab:green"}
   fig, (ax_amp, ax_err) = plt.subplots(1, 2, figsize=(11, 4.2))
   t = np.arange(len(result["v"]["amplification"]))
@@ -358,7 +355,7 @@ def plot_png(result: dict) -> bytes:
 
 def png_bytes(fig, dpi: int) -> bytes:
   """A matplotlib figure as PNG bytes (for an atomic write), and the figure closed."""
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # lazy: only the plot needs it
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=dpi)
@@ -382,7 +379,6 @@ def _plot_measured(ax, buckets, colour, label):
 
 def cli_numerics(args) -> int:
   """Exit 0 when every check passes, 1 when one fails (the outputs are written either way)."""
-  from mmar_jax.errors import ConfigError
   if args.config_overrides and not args.workdir:
     raise ConfigError("--config.* / --mesh overrides apply to a --workdir run only")
   result = run_numerics(args.workdir, args.fast, args.out, step=args.step, params=args.params,

@@ -38,14 +38,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from mmar_jax.commands.diagnose import png_bytes
+from mmar_jax.data.pipeline import global_batch, make_batcher
+from mmar_jax.data.sources import make_source
 from mmar_jax.diffusion import parameterization as par
 from mmar_jax.diffusion import schedule
+from mmar_jax.errors import ConfigError
 from mmar_jax.files import write_bytes_atomic
 from mmar_jax.models import sequence
 from mmar_jax.models.image_tokenizer import denormalize, token_norm
 from mmar_jax.models.qwen2 import attention_weights
+from mmar_jax.run import Run
 
 OUTPUTS = ("context.json", "context.png")
 VISIBLE_FRACTIONS = (0.0, 0.25, 0.5, 0.75)
@@ -122,7 +127,6 @@ def head_x0_at_end(model, prep):
 
 
 def _gather(tree):
-  from jax.experimental import multihost_utils
   if jax.process_count() > 1:
     tree = multihost_utils.process_allgather(tree, tiled=True)
   return jax.tree.map(np.asarray, jax.device_get(tree))
@@ -152,10 +156,6 @@ def nearest_neighbour_mse(ref: dict, ev: dict, norm) -> dict:
 
 def measure(workdir, *, step=None, params: str = "ema", batches: int = 4, overrides=(),
             log=_log) -> dict:
-  from mmar_jax.data.pipeline import global_batch, make_batcher
-  from mmar_jax.data.sources import make_source
-  from mmar_jax.run import Run
-
   t0 = time.perf_counter()
   run = Run(workdir, overrides)
   config, mcfg, tr = run.config, run.model_cfg, run.trainer
@@ -272,9 +272,9 @@ def format_table(result: dict) -> str:
 
 
 def plot_png(result: dict) -> bytes:
-  import matplotlib
+  import matplotlib  # lazy: only the plot needs it
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # lazy: only the plot needs it
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
   for ax, kname in zip(axes[:2], KINDS):
     for name in LOSSES:
@@ -295,7 +295,6 @@ def plot_png(result: dict) -> bytes:
 
 
 def cli_context(args) -> int:
-  from mmar_jax.errors import ConfigError
   out = epath.Path(args.out or epath.Path(args.workdir) / "diagnose" / "context")
   present = [n for n in OUTPUTS if (out / n).exists()]
   if present and not args.overwrite:

@@ -19,6 +19,10 @@ import numpy as np
 from etils import epath
 
 from mmar_jax.data import shapes
+from mmar_jax.run import Run
+from mmar_jax.sample.image import generate_images
+from mmar_jax.sample.text import caption_images
+from mmar_jax.train.metrics import read_metrics
 
 log = logging.getLogger("mmar_jax.eval")
 ATTRS = ("colour", "shape", "position")
@@ -39,10 +43,6 @@ def chance(spec: shapes.ShapesSpec) -> dict:
 
 def evaluate(workdir, *, step: int | None = None, params: str = "ema", seed: int = 0,
              sampling: dict | None = None, overrides=()) -> dict:
-  from mmar_jax.run import Run
-  from mmar_jax.sample.image import generate_images
-  from mmar_jax.sample.text import caption_images
-
   t0 = time.perf_counter()
   run = Run(workdir, overrides)
   config, tokenizer, mcfg = run.config, run.tokenizer, run.model_cfg
@@ -98,10 +98,9 @@ def evaluate(workdir, *, step: int | None = None, params: str = "ema", seed: int
 
 def _pictures(out, workdir, images, captions, drawn, prompts, detected, uncond, valid):
   """Captioned test images, prompts with their drawings, unconditional samples, loss curves."""
-  import matplotlib
+  import matplotlib  # lazy: only the plot needs it
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  from mmar_jax.train.metrics import read_metrics
+  import matplotlib.pyplot as plt  # lazy: only the plot needs it
 
   def panel(path, imgs, titles, colours=None, cols=8):
     n = len(imgs)
@@ -151,7 +150,7 @@ def print_report(report: dict, workdir) -> None:
 
 
 def cli_eval(args) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # orbax's import set absl's handler
   report = evaluate(args.workdir, step=args.step, params=args.params,
                     overrides=args.config_overrides)
   print_report(report, args.workdir)

@@ -26,14 +26,25 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 
 import numpy as np
 from etils import epath
 
-from mmar_jax.convert.whole_model import CONFIG_FILE as SAFETENSORS_CONFIG, FORMAT
+from mmar_jax.convert import hf, mar_head, mar_vae
+from mmar_jax.convert import safetensors_io
+from mmar_jax.convert import safetensors_io as sio
+from mmar_jax.convert.hf import _CLI_DTYPES
+from mmar_jax.convert.mar_head import jax_to_mar_head
+from mmar_jax.convert.mar_vae import jax_to_mar_vae
+from mmar_jax.convert.whole_model import CONFIG_FILE as SAFETENSORS_CONFIG
+from mmar_jax.convert.whole_model import FORMAT, NAMING, tensors_from_params, vae_config
+from mmar_jax.data.text_tokenizer import HFTokenizer, load_text_tokenizer
+from mmar_jax.dtypes import get_dtype
 from mmar_jax.errors import ConversionError
 from mmar_jax.files import atomic_output
-
+from mmar_jax.run import Run
+from mmar_jax.train.checkpoint import Checkpointer
 
 # -- a workdir's params -----------------------------------------------------------------------------
 
@@ -41,7 +52,6 @@ from mmar_jax.files import atomic_output
 def workdir_params(workdir: str, step: int | None = None, which: str = "ema",
                    module: str | None = None) -> tuple[dict, object, int]:
   """(params as host numpy arrays, MMARConfig, step): the whole model, or one top-level module."""
-  from mmar_jax.run import Run
   run = Run(workdir)
   params, step = run.params(step, which, module=module, on_host=True)
   return params, run.model_cfg, step
@@ -63,7 +73,6 @@ def special_tokens_config(mcfg) -> dict:
 def tokenizer_with_special_tokens(tokenizer_dir: str, mcfg, staging: str) -> str | None:
   """A copy of the run's HuggingFace tokenizer with <boi>/<eoi> at the model's ids (method.md
   §1.6); None for the bytes tokenizer (no HuggingFace files to write)."""
-  from mmar_jax.data.text_tokenizer import HFTokenizer, load_text_tokenizer
   tok = load_text_tokenizer(tokenizer_dir)
   if not isinstance(tok, HFTokenizer):
     return None
@@ -85,9 +94,6 @@ def tokenizer_with_special_tokens(tokenizer_dir: str, mcfg, staging: str) -> str
 
 def workdir_to_hf(workdir: str, out: str, *, step=None, which="ema", dtype=None,
                   max_shard_size="5GB", overwrite=False) -> tuple[list[str], int]:
-  import tempfile
-
-  from mmar_jax.convert import hf
   if os.path.exists(out) and not overwrite:
     raise ConversionError(f"output {os.path.abspath(out)} exists; pass --overwrite to replace it")
   params, mcfg, step = workdir_params(workdir, step, which, "backbone")
@@ -102,7 +108,6 @@ def workdir_to_hf(workdir: str, out: str, *, step=None, which="ema", dtype=None,
 
 def cli_jax_to_hf(args) -> int:
   if not getattr(args, "workdir", None):
-    from mmar_jax.convert import hf
     return hf.cli_jax_to_hf(args)
   files, step = workdir_to_hf(args.workdir, args.out, step=args.step, which=args.params,
                               dtype=args.dtype, max_shard_size=args.max_shard_size,
@@ -122,8 +127,6 @@ def _safetensors_out(out: str):
 def workdir_vae_tensors(workdir, step=None, which="ema") -> tuple[dict, int]:
   """MAR-layout VAE tensors of a run whose image tokenizer is a VAE. The VAE is frozen, so EMA
   and raw agree; either is accepted."""
-  from mmar_jax.convert.mar_vae import jax_to_mar_vae
-  from mmar_jax.convert.whole_model import vae_config
   params, mcfg, step = workdir_params(workdir, step, which, "image_tokenizer")
   if mcfg.image.get("kind") != "vae" or "vae" not in params:
     raise ConversionError(f"the run in {workdir} has no VAE (model.image.kind is "
@@ -133,9 +136,7 @@ def workdir_vae_tensors(workdir, step=None, which="ema") -> tuple[dict, int]:
 
 def cli_jax_to_mar_vae(args) -> int:
   if not getattr(args, "workdir", None):
-    from mmar_jax.convert import mar_vae
     return mar_vae.cli_jax_to_mar_vae(args)
-  from mmar_jax.convert import safetensors_io
   _safetensors_out(args.out)
   tensors, step = workdir_vae_tensors(args.workdir, args.step, args.params)
   with atomic_output(args.out, overwrite=args.overwrite, is_dir=False) as tmp:
@@ -145,17 +146,13 @@ def cli_jax_to_mar_vae(args) -> int:
 
 
 def workdir_head_tensors(workdir, step=None, which="ema") -> tuple[dict, object, int]:
-  from mmar_jax.convert.mar_head import jax_to_mar_head
   params, mcfg, step = workdir_params(workdir, step, which, "head")
   return jax_to_mar_head(mcfg.head, params), mcfg.head, step
 
 
 def cli_jax_to_mar_head(args) -> int:
   if not getattr(args, "workdir", None):
-    from mmar_jax.convert import mar_head
     return mar_head.cli_jax_to_mar_head(args)
-  from mmar_jax.convert import safetensors_io
-  from mmar_jax.run import Run
   _safetensors_out(args.out)
   mcfg = Run(args.workdir).model_cfg
   if mcfg.head.prediction != "eps" and not args.force:
@@ -176,10 +173,6 @@ def cli_jax_to_mar_head(args) -> int:
 
 def workdir_to_safetensors(workdir: str, out: str, *, step=None, which="ema", dtype=None,
                            max_shard_size="5GB", overwrite=False) -> tuple[list[str], int]:
-  from mmar_jax.convert import safetensors_io as sio
-  from mmar_jax.convert.hf import _CLI_DTYPES
-  from mmar_jax.convert.whole_model import NAMING, tensors_from_params
-  from mmar_jax.dtypes import get_dtype
   if os.path.exists(out) and not overwrite:
     raise ConversionError(f"output {os.path.abspath(out)} exists; pass --overwrite to replace it")
   params, mcfg, step = workdir_params(workdir, step, which)
@@ -214,7 +207,6 @@ def workdir_to_safetensors(workdir: str, out: str, *, step=None, which="ema", dt
 
 def _data_position(workdir, step: int) -> int | None:
   """The global example index the step after `step` reads (the checkpoint's meta)."""
-  from mmar_jax.train.checkpoint import Checkpointer
   ckpt = Checkpointer(workdir, read_only=True)
   try:
     position = ckpt.restore_meta(step).get("data_position")

@@ -24,10 +24,17 @@ import logging
 import sys
 import time
 
+import jax
 import numpy as np
 from etils import epath
+from PIL import Image
+from scipy import linalg
+from tqdm import tqdm
 
+from mmar_jax.convert.inception import WEIGHTS_FILE, WEIGHTS_URL, load_inception
 from mmar_jax.errors import ConfigError
+from mmar_jax.files import write_bytes_atomic
+from mmar_jax.models.inception import FEATURES, pool3_features
 
 log = logging.getLogger("mmar_jax.fid")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
@@ -47,7 +54,6 @@ def statistics(features) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), computed as pytorch-fid's
   `calculate_frechet_distance` does, operation for operation."""
-  from scipy import linalg
   mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
   sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -73,7 +79,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
-  from mmar_jax.models.inception import FEATURES
   p = epath.Path(path)
   if not p.exists():
     raise FileNotFoundError(f"FID statistics file not found: {path}")
@@ -92,7 +97,6 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
   """pytorch-fid's format (`np.savez_compressed`, `mu` and `sigma`), written whole or not at all."""
-  from mmar_jax.files import write_bytes_atomic
   buf = io.BytesIO()
   np.savez_compressed(buf, mu=mu, sigma=sigma)
   write_bytes_atomic(path, buf.getvalue())
@@ -123,7 +127,6 @@ def list_images(folder: str, *, quiet: bool = False) -> list[epath.Path]:
 
 def read_image(path: epath.Path) -> np.ndarray:
   """float32 [H, W, 3] in [0, 1], as torchvision's ToTensor makes it (uint8 / 255 in float32)."""
-  from PIL import Image
   with path.open("rb") as fh, Image.open(fh) as im:
     im.load()  # decode now: a truncated file fails here
     rgb = np.asarray(im.convert("RGB"), np.uint8)
@@ -168,10 +171,6 @@ def _try_read(path):
 def folder_features(graphdef, state, folder: str, batch_size: int, *, progress: bool = True,
                     label: str = "images") -> FolderFeatures:
   """pool3 features of every readable PNG / JPEG in `folder` (module docstring)."""
-  import jax
-  from tqdm import tqdm
-
-  from mmar_jax.models.inception import FEATURES, pool3_features
   t0 = time.perf_counter()
   files = list_images(folder)
   batch_size = min(batch_size, len(files))  # as pytorch-fid: no batch larger than the folder
@@ -212,7 +211,6 @@ def folder_features(graphdef, state, folder: str, batch_size: int, *, progress: 
 
 
 def add_args(p):
-  from mmar_jax.convert.inception import WEIGHTS_FILE, WEIGHTS_URL
   p.add_argument("--images", required=True, metavar="DIR", help="folder of PNG / JPEG images (not recursive)")
   ref = p.add_mutually_exclusive_group()
   ref.add_argument("--ref-images", default=None, metavar="DIR", help="reference folder of PNG / JPEG images")
@@ -233,10 +231,7 @@ def _named(skipped) -> list[str]:
 
 
 def cli_fid(args) -> int:
-  import jax
-
-  from mmar_jax.convert.inception import load_inception
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # orbax's import set absl's handler
   t0 = time.perf_counter()
   if args.ref_images is None and args.ref_stats is None and args.save_stats is None:
     raise ConfigError("eval fid: give a reference, --ref-images DIR or --ref-stats FILE.npz (or "

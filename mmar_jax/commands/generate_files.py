@@ -23,10 +23,23 @@ import json
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
+from mmar_jax.commands.sample_files import read_prompts
+from mmar_jax.data.text_tokenizer import encode_prompts
 from mmar_jax.errors import InputError
+from mmar_jax.files import remove_temporaries, write_bytes_atomic
+from mmar_jax.parallel import distributed, shares
+from mmar_jax.parallel.shares import global_rows
+from mmar_jax.sample.image import generate_tokens, split_model
+from mmar_jax.sample.io import png_bytes
 
 
 def image_name(prompt_index: int, draw: int) -> str:
@@ -36,7 +49,6 @@ def image_name(prompt_index: int, draw: int) -> str:
 def row_sharding(mesh, batch_size: int):
   """Rows over the mesh's batch axes (data x fsdp, as training splits its batch) when they
   divide the batch; replicated otherwise (each row then has one owner all the same)."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
   axes = ("data", "fsdp")
   split = int(np.prod([mesh.shape[a] for a in axes]))
   return NamedSharding(mesh, P(axes) if batch_size % split == 0 else P())
@@ -47,11 +59,6 @@ def compile_drawer(run, model, batch_size: int, *, guidance: bool, ar_steps: int
                    cfg_schedule: str = "linear", temperature: float = 1.0):
   """(text, text_len, key data) global rows -> uint8 images [B, H, W, 3] on the same rows, one
   program compiled ahead of its first call (see `generate_files` for why)."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from mmar_jax.sample.image import generate_tokens, split_model
   graphdef, state = split_model(model)
   rows = row_sharding(run.trainer.mesh, batch_size)
 
@@ -77,13 +84,11 @@ def compile_drawer(run, model, batch_size: int, *, guidance: bool, ar_steps: int
 
 
 def _rows(host, sharding):
-  from mmar_jax.parallel.shares import global_rows
   return global_rows(host, sharding)
 
 
 def image_keys(seed: int, items) -> np.ndarray:
   """uint32 [n, 2] key data of images (i, k): fold_in(fold_in(key(seed), i), k)."""
-  import jax
   idx = np.asarray(items, np.int32).reshape(-1, 2)
   fold = jax.vmap(lambda i, k: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), k))
   return np.asarray(jax.random.key_data(fold(idx[:, 0], idx[:, 1])))
@@ -93,13 +98,6 @@ def generate_files(run, model, prompts: list[str], out_dir: str, *, num_per_prom
                    batch_size: int = 8, seed: int = 0, progress: bool = True, **sampling) -> dict:
   """Draws every (prompt, draw) image not yet in `out_dir` (module docstring); returns counts
   (`wait_s`: the seconds this process waited for the others at the end)."""
-  import jax
-  from tqdm import tqdm
-
-  from mmar_jax.data.text_tokenizer import encode_prompts
-  from mmar_jax.files import remove_temporaries, write_bytes_atomic
-  from mmar_jax.parallel import distributed, shares
-  from mmar_jax.sample.io import png_bytes
   out = epath.Path(out_dir)
   lead = jax.process_index() == 0
   if lead:  # before the others start writing (they wait in `agreed`)
@@ -143,9 +141,6 @@ def generate_files(run, model, prompts: list[str], out_dir: str, *, num_per_prom
 
 
 def cli_generate_files(args, run, model, step) -> int:
-  import jax
-
-  from mmar_jax.commands.sample_files import read_prompts
   prompts = read_prompts(args.prompts, args.prompt_key)
   if args.num_per_prompt < 1 or args.batch_size < 1:
     raise InputError("--num-per-prompt and --batch-size must be >= 1")

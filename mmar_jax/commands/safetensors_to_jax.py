@@ -31,7 +31,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+
+from mmar_jax.convert import safetensors_io as sio
+from mmar_jax.convert import whole_model
+from mmar_jax.convert.whole_model import read_export_config as read
+from mmar_jax.errors import ConversionError
+from mmar_jax.files import atomic_output
+from mmar_jax.parallel.mesh import make_mesh
+from mmar_jax.train.checkpoint import Checkpointer
+from mmar_jax.train.step import abstract_train_state, build
+from mmar_jax.train.workdir import model_setup, resolve_config
 
 
 def add_args(p):
@@ -44,19 +59,12 @@ def add_args(p):
 
 def read_export_config(src: str) -> dict:
   """mmar_config.json of a jax-to-safetensors output, with the keys the way back needs."""
-  from mmar_jax.convert.whole_model import read_export_config as read
   return read(src, ("model", "step", "run_config"))
 
 
 def train_state(config, mcfg, params: dict, step: int) -> dict:
   """The train state of a run at `step` holding `params` as weights and EMA, with everything else
   as a fresh run has it; checked against the structure the trainer restores."""
-  import jax
-  import jax.numpy as jnp
-
-  from mmar_jax.errors import ConversionError
-  from mmar_jax.parallel.mesh import make_mesh
-  from mmar_jax.train.step import abstract_train_state, build
   cpu = jax.local_devices(backend="cpu")[0]
   # One host device: a checkpoint's layout does not depend on the mesh it was written from
   # (restores go against the reader's shardings), and this machine need not have the run's chips.
@@ -80,14 +88,6 @@ def safetensors_to_workdir(src: str, out: str, *, step: int | None = None,
                            overwrite: bool = False) -> tuple[int, list[str]]:
   """Builds the training workdir `out` from the export `src` (module docstring); returns (its
   step, the dtypes the tensors were stored in)."""
-  from etils import epath
-
-  from mmar_jax.convert import safetensors_io as sio
-  from mmar_jax.convert import whole_model
-  from mmar_jax.errors import ConversionError
-  from mmar_jax.files import atomic_output
-  from mmar_jax.train.checkpoint import Checkpointer
-  from mmar_jax.train.workdir import model_setup, resolve_config
   if "://" in out:
     raise ConversionError(f"--out {out}: write the workdir locally, then copy it (the output is "
                           "made atomically by a local rename)")
@@ -104,7 +104,6 @@ def safetensors_to_workdir(src: str, out: str, *, step: int | None = None,
         json.dumps(recorded["run_config"], indent=2, sort_keys=True) + "\n")
     tok = os.path.join(src, "tokenizer")
     if os.path.isdir(tok):
-      import shutil
       shutil.copytree(tok, os.path.join(tmp, "tokenizer"))
     # The config and tokenizer exactly as `train --workdir` will read them back.
     config = resolve_config(tmp, None, [])

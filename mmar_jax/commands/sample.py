@@ -14,7 +14,19 @@ from __future__ import annotations
 import sys
 import time
 
+import jax
+from etils import epath
+
+from mmar_jax.commands.generate_files import cli_generate_files
+from mmar_jax.commands.sample_files import cli_caption_files, image_inputs, read_prompts
+from mmar_jax.errors import ConfigError
+from mmar_jax.parallel import distributed
 from mmar_jax.parallel.distributed import add_arguments
+from mmar_jax.parallel.mesh import sampling_overrides
+from mmar_jax.run import Run
+from mmar_jax.sample import image as gen
+from mmar_jax.sample import io as sio
+from mmar_jax.sample import text as txt
 
 
 def add_generate_args(p):
@@ -63,8 +75,6 @@ def _checkpoint_args(p):
 
 def _open(args):
   """(Run, (graphdef, params), step) of the workdir the arguments name."""
-  from mmar_jax.parallel.mesh import sampling_overrides
-  from mmar_jax.run import Run
   run = Run(args.workdir, sampling_overrides(args.config_overrides))
   params, step = run.params(args.step, args.params)
   return run, (run.trainer.graphdef, params), step
@@ -73,10 +83,6 @@ def _open(args):
 def _join(args, spread: bool, why: str):
   """Joins a multi-process run (before any other JAX call); a command that does not spread its
   inputs over the processes refuses one, saying `why`."""
-  import jax
-
-  from mmar_jax.errors import ConfigError
-  from mmar_jax.parallel import distributed
   distributed.join(args)
   if not spread and jax.process_count() > 1:
     raise ConfigError(f"{why} (this run has {jax.process_count()} processes)")
@@ -88,13 +94,8 @@ def cli_generate(args) -> int:
     print("mmar-jax: error: give --out (one prompt), or --prompts with --out-dir", file=sys.stderr)
     return 2
   _join(args, many, "one prompt runs in one process; --prompts spreads many over the processes")
-  import jax
 
-  from mmar_jax.sample import image as gen
-  from mmar_jax.sample import io as sio
   if many:
-    from mmar_jax.commands.generate_files import cli_generate_files
-    from mmar_jax.commands.sample_files import read_prompts
     read_prompts(args.prompts, args.prompt_key)  # a bad file fails before the (slow) model load
     run, model, step = _open(args)
     return cli_generate_files(args, run, model, step)
@@ -121,13 +122,8 @@ def cli_generate(args) -> int:
 
 def cli_caption(args) -> int:
   _join(args, False, "caption runs in one process")
-  import jax
-  from etils import epath
 
-  from mmar_jax.sample import io as sio
-  from mmar_jax.sample import text as txt
   if args.images is not None:
-    from mmar_jax.commands.sample_files import cli_caption_files, image_inputs
     if not args.out:
       print("mmar-jax: error: --images needs --out FILE.jsonl", file=sys.stderr)
       return 2

@@ -16,10 +16,14 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 from etils import epath
 
 from mmar_jax.errors import ConfigError, InputError
+from mmar_jax.files import jsonl_records, write_bytes_atomic
+from mmar_jax.sample.io import load_image
+from mmar_jax.sample.text import caption_images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -28,7 +32,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 def read_prompts(path: str, key: str = "caption") -> list[str]:
   """Prompts of a text file (one a line) or a JSONL file (`key` of each record)."""
-  from mmar_jax.files import jsonl_records
   if path.endswith(".jsonl"):
     try:
       return [str(r[key]) for _, r in jsonl_records(path, "prompts file", (key,))]
@@ -43,7 +46,6 @@ def read_prompts(path: str, key: str = "caption") -> list[str]:
 def image_inputs(spec: str, question: str | None) -> list[tuple[str, str | None]]:
   """(path, question) of every picture a folder, a glob or a JSONL names."""
   if spec.endswith(".jsonl"):
-    from mmar_jax.files import jsonl_records
     base = os.path.dirname(spec)
     return [(os.path.join(base, r["image"]), r.get("question", question))
             for _, r in jsonl_records(spec, "images file", ("image",))]
@@ -61,10 +63,6 @@ def image_inputs(spec: str, question: str | None) -> list[tuple[str, str | None]
 def caption_files(run, model, inputs: list[tuple[str, str | None]], *, batch_size: int = 8,
                   max_tokens: int = 64, top_p=None, seed: int = 0) -> list[dict]:
   """One record per input, in order: {image, caption} or {image, error}."""
-  import jax
-
-  from mmar_jax.sample.io import load_image
-  from mmar_jax.sample.text import caption_images
   size = run.model_cfg.image["size"]
   records, ready = [], []
   for path, question in inputs:
@@ -86,7 +84,6 @@ def caption_files(run, model, inputs: list[tuple[str, str | None]], *, batch_siz
 
 
 def cli_caption_files(args, run, model) -> int:
-  from mmar_jax.files import write_bytes_atomic
   inputs = image_inputs(args.images, args.question)
   t0 = time.perf_counter()
   records = caption_files(run, model, inputs, batch_size=args.batch_size, max_tokens=args.max_tokens,

@@ -9,22 +9,23 @@ import logging
 import jax
 from etils import epath
 
+from mmar_jax.commands.evaluate import evaluate, print_report
+from mmar_jax.parallel import distributed
+from mmar_jax.train.loop import train
+from mmar_jax.train.workdir import resolve_config
+
 
 def cli_train(args) -> int:
-  from mmar_jax.parallel import distributed
   # Before any JAX computation: a multi-process run joins here (flags, else the environment).
   distributed.maybe_initialize(distributed.with_flags(
       getattr(args, "coordinator", None), getattr(args, "num_processes", None),
       getattr(args, "process_id", None)))
-  from mmar_jax.train.loop import train
-  from mmar_jax.train.workdir import resolve_config
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # orbax's import set absl's handler
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   config = resolve_config(args.workdir, args.config, args.config_overrides)
   train(config, args.workdir)
   if config.eval.at_end and jax.process_index() == 0 and not _evaluated(args.workdir, config.steps):
-    from mmar_jax.commands.evaluate import evaluate, print_report
     print("evaluating the EMA weights on the held-out combinations ...", flush=True)
     print_report(evaluate(args.workdir), args.workdir)
   return 0

@@ -32,10 +32,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from mmar_jax.errors import InputError
+from mmar_jax.files import jsonl_records, write_bytes_atomic
 from mmar_jax.models import sequence
+from mmar_jax.run import Run
+from mmar_jax.sample.image import split_model
+from mmar_jax.sample.io import load_image
+from mmar_jax.sample.text import caption_images
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -47,7 +53,6 @@ def normalise(text: str) -> str:
 
 
 def read_records(path: str) -> list[dict]:
-  from mmar_jax.files import jsonl_records
   base, records = os.path.dirname(path), []
   for n, r in jsonl_records(path, "benchmark file", ("image", "answer")):
     if "choices" in r and (not isinstance(r["choices"], list) or len(r["choices"]) < 2):
@@ -112,7 +117,6 @@ def _log_likelihood(graphdef, state, tokens, text, text_len, start, length):
 
 def choice_log_likelihoods(model, tokens, text, text_len, start, length) -> np.ndarray:
   """`_log_likelihood` of an MMAR module or (graphdef, state)."""
-  from mmar_jax.sample.image import split_model
   graphdef, state = split_model(model)
   return np.asarray(_log_likelihood(graphdef, state, jnp.asarray(tokens), jnp.asarray(text),
                                     jnp.asarray(text_len), jnp.asarray(start), jnp.asarray(length)))
@@ -120,9 +124,6 @@ def choice_log_likelihoods(model, tokens, text, text_len, start, length) -> np.n
 
 def score(run, model, records: list[dict], *, batch_size: int = 16, max_tokens: int | None = None) -> dict:
   """Predictions for every record and the summary (module docstring)."""
-  from mmar_jax.sample.image import split_model
-  from mmar_jax.sample.io import load_image
-  from mmar_jax.sample.text import caption_images
   mc = run.model_cfg
   max_tokens = max_tokens or mc.max_text_len
   images, unreadable = {}, []
@@ -181,10 +182,6 @@ def score(run, model, records: list[dict], *, batch_size: int = 16, max_tokens: 
 
 
 def cli_eval_understanding(args) -> int:
-  from etils import epath
-
-  from mmar_jax.files import write_bytes_atomic
-  from mmar_jax.run import Run
   records = read_records(args.data)  # a bad file fails before the (slow) model load
   t0 = time.perf_counter()
   run = Run(args.workdir, args.config_overrides)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
+import ml_dtypes
 import numpy as np
 
+from mmar_jax.convert import safetensors_io
 from mmar_jax.errors import ConversionError
 
 
@@ -21,9 +23,8 @@ def load_state_dict(path: str, key: str | None = None) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise ConversionError(f"checkpoint file not found: {path}")
   if path.endswith(".safetensors"):
-    from mmar_jax.convert import safetensors_io
     return safetensors_io.read_all(path)
-  import torch
+  import torch  # lazy: seconds to import, this path only
   with torch.serialization.safe_globals([argparse.Namespace]):
     try:
       obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -46,8 +47,7 @@ def load_state_dict(path: str, key: str | None = None) -> dict[str, np.ndarray]:
 
 def torch_to_numpy(tensor) -> np.ndarray:
   """Exact conversion, bf16 included (numpy has no bf16: go through the raw bits)."""
-  import ml_dtypes
-  import torch
+  import torch  # lazy: seconds to import, this path only
   t = tensor.detach().cpu().contiguous()
   if t.dtype == torch.bfloat16:
     return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
@@ -55,8 +55,7 @@ def torch_to_numpy(tensor) -> np.ndarray:
 
 
 def numpy_to_torch(array: np.ndarray):
-  import ml_dtypes
-  import torch
+  import torch  # lazy: seconds to import, this path only
   a = np.ascontiguousarray(array).reshape(np.shape(array))  # ascontiguousarray makes 0-d 1-d
   if a.dtype == ml_dtypes.bfloat16:
     return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)

@@ -18,17 +18,23 @@ about the checkpoint once (the stacked arrays) plus one tensor.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from tqdm import tqdm
 
-from mmar_jax.convert import safetensors_io as sio
-from mmar_jax.errors import ConversionError
-from mmar_jax.files import atomic_output
 from mmar_jax import trees
-from mmar_jax.models.qwen2 import Qwen2Config
+from mmar_jax.convert import safetensors_io as sio
+from mmar_jax.dtypes import get_dtype
+from mmar_jax.errors import ConversionError
+from mmar_jax.files import atomic_output, load_params, read_json, save_params, write_json
+from mmar_jax.models.qwen2 import Qwen2, Qwen2Config
 
 ARCHITECTURE = "Qwen2ForCausalLM"
 MODEL_TYPE = "qwen2"
@@ -77,7 +83,6 @@ class Slot(NamedTuple):
 def read_json_object(directory: str, name: str, hint: str = "") -> dict:
   """The JSON object in `directory`/`name`; a missing directory or file, invalid JSON or a
   non-object is a ConversionError naming it (`hint` is appended to the missing-file message)."""
-  import json
   path = os.path.join(directory, name)
   if not os.path.isdir(directory):
     raise ConversionError(f"{directory}: directory not found")
@@ -218,9 +223,6 @@ def carried_config(source_config: dict | None) -> dict:
 
 def abstract_params(cfg: Qwen2Config) -> dict:
   """The pure-dict structure of Qwen2's state, as ShapeDtypeStructs (nothing allocated)."""
-  from flax import nnx
-
-  from mmar_jax.models.qwen2 import Qwen2
   model = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
   return nnx.split(model)[1].to_pure_dict()
 
@@ -316,7 +318,6 @@ def params_from_hf_dir(hf_dir: str, progress: bool = False) -> tuple[Qwen2Config
 
 
 def _progress(total: int, desc: str, enabled: bool):
-  from tqdm import tqdm
   return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, leave=False)
 
 
@@ -329,7 +330,6 @@ def model_config_dict(cfg: Qwen2Config, source: dict | None = None) -> dict:
 
 def read_model_config(ckpt_dir: str) -> tuple[Qwen2Config, dict]:
   """(Qwen2Config, source block) of an hf-to-jax output directory."""
-  from mmar_jax.files import read_json
   try:
     d = read_json(ckpt_dir, MODEL_CONFIG)
   except FileNotFoundError:
@@ -354,13 +354,11 @@ def copy_tokenizer_files(src: str, dst: str) -> list[str]:
 
 def hf_to_jax(hf_dir: str, out: str, overwrite: bool = False, progress: bool = False) -> Qwen2Config:
   """Converts a HF Qwen2 directory into `out/{params/, model_config.json, tokenizer/}`."""
-  from mmar_jax.files import save_params, write_json
   raw = read_hf_config_json(hf_dir)
   with atomic_output(out, overwrite) as tmp:
     cfg, params = params_from_hf_dir(hf_dir, progress=progress)
     # Orbax holds a second copy of numpy leaves while writing (measured on Qwen2-0.5B: 2.9 GB
     # peak vs 2.1 GB); device_put on the CPU aliases the numpy buffer, and jax leaves save leaner.
-    import jax
     params = jax.tree.map(jax.device_put, params)
     save_params(tmp, params)
     del params
@@ -395,7 +393,6 @@ def _to_numpy(x) -> np.ndarray:
 
 
 def _resolve_dtype(dtype, flat) -> np.dtype:
-  from mmar_jax.dtypes import get_dtype
   if dtype is None:
     return np.dtype(flat[("embed_tokens",)].dtype)
   name = _CLI_DTYPES.get(str(dtype), dtype)
@@ -440,7 +437,6 @@ def jax_to_hf(params: dict, model_cfg: Qwen2Config, out: str, dtype=None, max_sh
     # transformers refuses safetensors whose metadata lacks a known "format".
     files = sio.write_sharded(tmp, specs, produce, max_shard_size, metadata={"format": "pt"})
     bar.close()
-    from mmar_jax.files import write_json
     write_json(tmp, "config.json", config)
     files.append("config.json")
     if tokenizer_dir is not None:
@@ -466,7 +462,6 @@ def cli_hf_to_jax(args) -> int:
 def cli_jax_to_hf(args) -> int:
   if getattr(args, "step", None) is not None:
     raise ConversionError("--step applies to --workdir only; a --ckpt directory holds one set of params")
-  from mmar_jax.files import load_params
   cfg, source = read_model_config(args.ckpt)
   print(f"converting {args.ckpt} -> {args.out}", flush=True)
   params = load_params(args.ckpt)
@@ -481,11 +476,6 @@ def cli_jax_to_hf(args) -> int:
 def qwen2_from_params(cfg: Qwen2Config, params: dict):
   """A Qwen2 module holding `params` (a pure dict; cast to cfg.param_dtype), built abstractly so
   no random init is paid for."""
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from mmar_jax.dtypes import get_dtype
-  from mmar_jax.models.qwen2 import Qwen2
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0))))
   flat = trees.flatten(params.to_pure_dict() if hasattr(params, "to_pure_dict") else params)
   _check_params(flat, cfg)
@@ -508,9 +498,10 @@ def make_tiny_hf_checkpoint(out: str, *, vocab_size: int = 256, hidden_size: int
   Biases and norm weights are randomised too (HF initialises them to 0 / 1), so a converter
   that dropped or swapped them would show up in the logits.
   """
-  import torch
-  from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
-  from transformers.utils import logging as hf_logging
+  import torch  # lazy: seconds to import, this path only
+  from transformers import Qwen2Config as HFConfig  # lazy: seconds to import, this path only
+  from transformers import Qwen2ForCausalLM  # lazy: seconds to import, this path only
+  from transformers.utils import logging as hf_logging  # lazy: seconds to import, this path only
   hf_logging.disable_progress_bar()
   torch.manual_seed(seed)
   kw = dict(head_dim=head_dim) if head_dim is not None else {}

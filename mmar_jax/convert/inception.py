@@ -17,7 +17,9 @@ import os
 
 import numpy as np
 
+from mmar_jax.convert.common import load_state_dict
 from mmar_jax.errors import ConversionError
+from mmar_jax.models.inception import abstract, state_from_arrays, variable_shapes
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -34,7 +36,6 @@ def _torch_name(path: tuple[str, ...]) -> str:
 
 def torch_shapes() -> dict[str, tuple[int, ...]]:
   """{state-dict name: torch shape} of every tensor the pool3 network needs."""
-  from mmar_jax.models.inception import variable_shapes
   out = {}
   for path, shape in variable_shapes().items():
     out[_torch_name(path)] = (shape[3], shape[2], shape[0], shape[1]) if path[-1] == "kernel" else shape
@@ -43,7 +44,6 @@ def torch_shapes() -> dict[str, tuple[int, ...]]:
 
 def inception_from_torch(state_dict: dict, source: str = "Inception weights") -> dict:
   """{torch name: array} -> {JAX path: float32 array}; the errors name the tensor and `source`."""
-  from mmar_jax.models.inception import variable_shapes
   paths = {_torch_name(p): p for p in variable_shapes()}
   need = torch_shapes()
   counters = {n.rsplit(".", 1)[0] + ".num_batches_tracked" for n in need if n.endswith(".bn.weight")}
@@ -80,8 +80,6 @@ def missing_weights_message(path: str) -> str:
 
 def load_inception(path: str):
   """(graphdef, state) of the FID network from pytorch-fid's weights file at `path`."""
-  from mmar_jax.convert.common import load_state_dict
-  from mmar_jax.models.inception import abstract, state_from_arrays
   if not os.path.isfile(path):
     raise FileNotFoundError(missing_weights_message(path))
   arrays = inception_from_torch(load_state_dict(path), source=path)

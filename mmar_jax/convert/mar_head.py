@@ -21,9 +21,12 @@ import re
 import numpy as np
 
 from mmar_jax import trees
+from mmar_jax.convert import safetensors_io
+from mmar_jax.convert.common import load_state_dict
+from mmar_jax.diffusion.parameterization import PREDICTIONS
 from mmar_jax.errors import ConversionError
-from mmar_jax.files import atomic_output
-from mmar_jax.models.diffusion_head import HeadConfig
+from mmar_jax.files import atomic_output, load_params, read_json, save_params, write_json
+from mmar_jax.models.diffusion_head import HeadConfig, abstract_params
 
 PREFIXES = ("diffloss.net.", "net.")
 OUT_PREFIX = "diffloss.net."
@@ -129,7 +132,6 @@ def mar_head_to_jax(state_dict: dict, prediction: str = "eps",
     raise ConversionError(f"missing key {OUT_PREFIX}{missing[0]}"
                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
-  from mmar_jax.models.diffusion_head import abstract_params
   shapes = abstract_params(cfg)
 
   def linear(mar: str, target: dict, block: int | None = None) -> dict:
@@ -201,15 +203,10 @@ def read_prediction_metadata(path: str) -> str | None:
   """The `prediction` entry of a safetensors file's metadata, if any."""
   if not path.endswith(".safetensors"):
     return None
-  from mmar_jax.convert import safetensors_io
   return safetensors_io.read_metadata(path).get("prediction")
 
 
 def cli_mar_head(args) -> int:
-  from mmar_jax.convert.common import load_state_dict
-  from mmar_jax.files import save_params, write_json
-  from mmar_jax.diffusion.parameterization import PREDICTIONS
-
   is_st = args.src.endswith(".safetensors")
   state_dict = load_state_dict(args.src, None if is_st else args.key)
   prediction = args.prediction
@@ -237,9 +234,6 @@ def cli_mar_head(args) -> int:
 
 
 def cli_jax_to_mar_head(args) -> int:
-  from mmar_jax.convert import safetensors_io
-  from mmar_jax.files import load_params, read_json
-
   if not args.out.endswith(".safetensors"):
     raise ConversionError(f"--out must be a .safetensors file, got {args.out}")
   try:

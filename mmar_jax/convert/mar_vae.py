@@ -15,9 +15,15 @@ from __future__ import annotations
 import re
 import sys
 
+import jax
 import numpy as np
+from flax.nnx import traversals
 
+from mmar_jax.convert import safetensors_io
+from mmar_jax.convert.common import load_state_dict
 from mmar_jax.errors import ConversionError
+from mmar_jax.files import atomic_output, load_params, read_json, save_params, write_json
+from mmar_jax.models.vae import VAEConfig, param_paths
 
 PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 CONFIG_FILE = "vae_config.json"
@@ -65,7 +71,6 @@ def _indices(sd: dict, pattern: str) -> list[int]:
 
 def infer_config(sd: dict):
   """VAEConfig from the tensor shapes of a MAR/LDM AutoencoderKL state dict."""
-  from mmar_jax.models.vae import VAEConfig
   ch, in_channels = _shape(sd, "encoder.conv_in.weight")[:2]
   levels = _indices(sd, r"encoder\.down\.(\d+)\.")
   if not levels:
@@ -99,7 +104,6 @@ def mar_vae_to_jax(state_dict: dict) -> tuple:
   Arrays keep their dtype. Missing, unknown (inside the VAE's prefixes) or mis-shaped keys raise
   ConversionError naming them; keys outside those prefixes are ignored (see `ignored_keys`).
   """
-  from mmar_jax.models.vae import param_paths
   sd = {k: np.asarray(v) for k, v in state_dict.items() if _is_vae_key(k)}
   try:
     cfg = infer_config(sd)
@@ -130,8 +134,6 @@ def mar_vae_to_jax(state_dict: dict) -> tuple:
 
 def jax_to_mar_vae(cfg, params: dict) -> dict[str, np.ndarray]:
   """(VAEConfig or its dict, nested params: converter output or `to_pure_dict()`) -> MAR state dict."""
-  from flax.nnx import traversals
-  from mmar_jax.models.vae import VAEConfig, param_paths
   cfg = cfg if isinstance(cfg, VAEConfig) else VAEConfig.from_dict(cfg)
   flat = {tuple(str(p) for p in k): v for k, v in traversals.flatten_mapping(params).items()}
   expected = param_paths(cfg)
@@ -161,9 +163,6 @@ def _describe(cfg) -> str:
 
 def cli_mar_vae(args) -> int:
   """`convert mar-vae --src FILE --out DIR`: writes DIR/params/ and DIR/vae_config.json."""
-  from mmar_jax.convert.common import load_state_dict
-  from mmar_jax.files import atomic_output
-  from mmar_jax.files import save_params, write_json
   sd = load_state_dict(args.src)
   skipped = ignored_keys(sd)
   cfg, params = mar_vae_to_jax(sd)
@@ -179,10 +178,6 @@ def cli_mar_vae(args) -> int:
 
 def cli_jax_to_mar_vae(args) -> int:
   """`convert jax-to-mar-vae --ckpt DIR --out FILE.safetensors`: MAR layout, fp32 as stored."""
-  import jax
-
-  from mmar_jax.convert import safetensors_io
-  from mmar_jax.files import atomic_output, load_params, read_json
   if not args.out.endswith(".safetensors"):
     raise ConversionError(f"--out {args.out}: expected a .safetensors file name")
   try:

@@ -29,15 +29,23 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
+from flax import nnx
 
+from mmar_jax import config as config_lib
 from mmar_jax import trees
 from mmar_jax.convert import hf
-from mmar_jax.convert.mar_head import OUT_PREFIX as HEAD_PREFIX, POS_EMBED_KEY
+from mmar_jax.convert.mar_head import OUT_PREFIX as HEAD_PREFIX
+from mmar_jax.convert.mar_head import POS_EMBED_KEY, jax_to_mar_head, mar_head_to_jax
+from mmar_jax.convert.mar_vae import jax_to_mar_vae, mar_vae_to_jax
 from mmar_jax.errors import ConversionError
+from mmar_jax.files import read_json
+from mmar_jax.models.mmar import MMAR
+from mmar_jax.models.vae import VAEConfig
 
 FORMAT = "mmar_jax.safetensors/1"
 CONFIG_FILE = "mmar_config.json"
@@ -66,18 +74,13 @@ def abstract_params(mcfg) -> dict:
 
 
 def _abstract(mcfg) -> dict:
-  from flax import nnx
-
-  from mmar_jax.models.mmar import MMAR
   return nnx.state(nnx.eval_shape(lambda: MMAR(mcfg, rngs=nnx.Rngs(0))), nnx.Param).to_pure_dict()
 
 
 def vae_config(mcfg):
   """The run's VAEConfig: model.image.vae over the vae_config.json of model.image.path, if set."""
-  from mmar_jax.models.vae import VAEConfig
   fields = dict(mcfg.image.get("vae") or {})
   if mcfg.image.get("path"):
-    from mmar_jax.files import read_json
     fields = dict(read_json(mcfg.image["path"], "vae_config.json"), **fields)
   return VAEConfig.from_dict(fields)
 
@@ -126,8 +129,6 @@ def layout(mcfg) -> list[Slot]:
 
 
 def _producers(params: dict, mcfg, slots) -> dict[str, Producer]:
-  from mmar_jax.convert.mar_head import jax_to_mar_head
-  from mmar_jax.convert.mar_vae import jax_to_mar_vae
   out: dict[str, Producer] = {}
   for slot in slots:
     def produce(slot=slot):
@@ -235,8 +236,6 @@ def params_from_tensors(get: Callable[[str], np.ndarray], names: Iterable[str], 
   are all there are. Returns a nested dict of numpy arrays in exactly the layout of
   `nnx.state(MMAR(mcfg), nnx.Param).to_pure_dict()`, in the model's param dtype: per-layer
   tensors restacked on the `layers` / `blocks` axis, Linear and conv weights transposed back."""
-  from mmar_jax.convert.mar_head import mar_head_to_jax
-  from mmar_jax.convert.mar_vae import mar_vae_to_jax
   abstract, slots = _layout(mcfg)
   expected = tensor_specs(mcfg)
   _check_names(names, expected)
@@ -289,7 +288,6 @@ def params_from_tensors(get: Callable[[str], np.ndarray], names: Iterable[str], 
 def read_export_config(src: str, required: tuple[str, ...] = ("model",)) -> dict:
   """mmar_config.json of a jax-to-safetensors output (this FORMAT, with the `required` keys); what
   is wrong is a ConversionError naming the file."""
-  import os
   path = os.path.join(src, CONFIG_FILE)
   cfg = hf.read_json_object(src, CONFIG_FILE, " (not a jax-to-safetensors output?)")
   if cfg.get("format") != FORMAT:
@@ -305,7 +303,6 @@ def read_export_config(src: str, required: tuple[str, ...] = ("model",)) -> dict
 def check_model_config(recorded: dict, mcfg, where: str = CONFIG_FILE):
   """Refuses a recorded model config (mmar_config.json's `model`) that differs from the model of
   the run it is imported into, naming the keys."""
-  from mmar_jax import config as config_lib
   normal = lambda d: config_lib.flatten(json.loads(json.dumps(d)))  # tuples as JSON lists
   theirs, ours = normal(recorded), normal(mcfg.to_dict())
   absent = object()

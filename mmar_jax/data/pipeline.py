@@ -33,6 +33,8 @@ import itertools
 import logging
 import threading
 
+import grain
+import jax
 import numpy as np
 
 from mmar_jax.models.sequence import IMAGE_ONLY, IMAGE_TO_TEXT, TEXT_TO_IMAGE
@@ -89,7 +91,6 @@ def shuffle_seed(seed: int) -> int:
 
 def record_order(num_records: int, seed: int):
   """grain MapDataset: global example index -> record number, reshuffled every epoch."""
-  import grain
   if num_records <= 0:
     raise ValueError("the data source has no records")
   return grain.MapDataset.range(num_records).shuffle(seed=shuffle_seed(seed)).repeat()
@@ -249,7 +250,6 @@ class Batcher:
     Each batch is a pure function of its step, so threads change speed, never content."""
     if threads <= 0:  # (iterating a grain MapDataset would prefetch with its default threads)
       return (self.local_batch(s, rows) for s in itertools.count(int(start_step)))
-    import grain
     steps = grain.MapDataset.range(int(start_step), 2 ** 62)
     ds = steps.map(lambda s: self.local_batch(int(s), rows))
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
@@ -274,7 +274,6 @@ def local_rows(sharding, batch_size: int) -> np.ndarray:
 
 
 def to_global(local: dict, sharding, batch_size: int) -> dict:
-  import jax
   return {k: jax.make_array_from_process_local_data(sharding, a, (batch_size,) + a.shape[1:])
           for k, a in local.items()}
 

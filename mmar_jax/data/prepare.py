@@ -37,19 +37,25 @@ import logging
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
-from mmar_jax.errors import ConfigError
+from mmar_jax import config as config_lib
 from mmar_jax.data import prepare_out, sources
+from mmar_jax.errors import ConfigError
+from mmar_jax.models.image_tokenizer import make_image_tokenizer
+from mmar_jax.parallel import distributed, shares
 
 log = logging.getLogger(__name__)
 
 
 def image_tokenizer(config):
   """(graphdef, state) of the config's image tokenizer with the weights training starts from."""
-  from flax import nnx
-
-  from mmar_jax.models.image_tokenizer import make_image_tokenizer
   image = config.model.image.to_dict()
   if image["kind"] == "vae":
     if not config.init.vae:
@@ -64,11 +70,6 @@ def make_encoder(graphdef, state, per_device: int):
   tokens, `per_device` images on each local device. The same number on every device whatever
   the device or process count: XLA:CPU rounds a convolution over one image differently from one
   over several, and the latents must not depend on the topology."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
   devices = jax.local_devices()
   mesh = Mesh(np.asarray(devices), ("batch",))
   state = jax.device_put(state, NamedSharding(mesh, P()))
@@ -134,9 +135,6 @@ def prepare(config, src: str, out: str, *, records_per_shard: int = 10000, batch
   """Writes this process's share of `out` (module docstring). Returns (the content of
   latents.json on process 0, else None; what this process did, with `wait_s`: the seconds it
   waited for the others at the end)."""
-  import jax
-
-  from mmar_jax.parallel import distributed, shares
   if src.startswith("latents:"):
     raise ConfigError("--src latents:... is already encoded")
   if records_per_shard < 1 or batch_size < 1:
@@ -165,7 +163,6 @@ def prepare(config, src: str, out: str, *, records_per_shard: int = 10000, batch
     spans = [(k * records_per_shard, min((k + 1) * records_per_shard, n)) for k in mine]
     bar = None
     if progress:
-      from tqdm import tqdm
       bar = tqdm(total=sum(hi - lo for lo, hi in spans), unit="img", file=sys.stderr,
                  dynamic_ncols=True, mininterval=1.0)
     with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
@@ -188,10 +185,8 @@ def prepare(config, src: str, out: str, *, records_per_shard: int = 10000, batch
 
 
 def cli_prepare_data(args) -> int:
-  from mmar_jax import config as config_lib
-  from mmar_jax.parallel import distributed
   distributed.join(args)  # before any other JAX call
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # orbax's import set absl's handler
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   config = config_lib.apply_overrides(config_lib.load_file(args.config), args.config_overrides)

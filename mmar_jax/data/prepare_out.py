@@ -18,10 +18,12 @@ import os
 import shutil
 import tempfile
 
+from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
 from mmar_jax.data import sources
 from mmar_jax.errors import ConfigError
+from mmar_jax.files import remove_temporaries, write_bytes_atomic
 
 SHARD = "latents-{:05d}-of-{:05d}.array_record"
 PROGRESS = ".progress"
@@ -68,7 +70,6 @@ class Output:
 
   def start(self, verdict: str) -> None:
     """Process 0, before any other writes: an empty or resumable DIR with this job's plan."""
-    from mmar_jax.files import remove_temporaries, write_bytes_atomic
     if verdict == "replace":  # asked for with --overwrite: the old output goes first
       self.path.rmtree()
     self.progress.mkdir(parents=True, exist_ok=True)
@@ -81,9 +82,6 @@ class Output:
   def write_shard(self, k: int, records, summarize) -> dict:
     """Writes the record bytes of `records` as shard k; `summarize()` (called once they are all
     written) gives its summary, stored before the shard appears under its name."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    from mmar_jax.files import write_bytes_atomic
     name = self.plan["shards"][k]
     remote = "://" in self.out
     # Local: beside the target, then renamed. Remote: on local disk, then uploaded whole.
@@ -110,7 +108,6 @@ class Output:
 
   def finish(self) -> dict:
     """Process 0, after every shard is written: latents.json from the shards' summaries."""
-    from mmar_jax.files import write_bytes_atomic
     summaries = [json.loads((self.progress / f"shard-{k:05d}.json").read_text())
                  for k in range(len(self.plan["shards"]))]
     named = [r for s in summaries for r in s["unreadable"]][:NAMED]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 
 def center_crop_arr(pil_image, image_size: int):
   """MAR's (ADM's) centre crop: halve with a box filter while the short side is at least twice
   `image_size` (cheap anti-aliasing), resize the short side to `image_size` bicubically, then cut
   the centre square. Returns a PIL image of `image_size` x `image_size`."""
-  from PIL import Image
   while min(*pil_image.size) >= 2 * image_size:
     pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
   scale = image_size / min(*pil_image.size)

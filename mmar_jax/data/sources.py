@@ -31,8 +31,15 @@ import tarfile
 import threading
 from typing import Any
 
+import grain
 import numpy as np
 from etils import epath
+from PIL import Image
+
+from mmar_jax.data.preprocess import center_crop_arr
+from mmar_jax.data.shapes import ShapesDataset, ShapesSpec
+from mmar_jax.errors import ConfigError
+from mmar_jax.models.image_tokenizer import token_spec
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +55,6 @@ class BadRecord(ValueError):
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
   """Encoded image bytes -> uint8 [size, size, 3], MAR's resize and centre crop."""
-  from PIL import Image
-
-  from mmar_jax.data.preprocess import center_crop_arr
   try:
     with Image.open(io.BytesIO(data)) as im:
       im.load()  # decodes now, so a truncated file fails here and not later
@@ -64,9 +68,6 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 
 def array_image(array, size: int) -> np.ndarray:
   """A decoded image array (HWC or HW) -> uint8 [size, size, 3], MAR's resize and centre crop."""
-  from PIL import Image
-
-  from mmar_jax.data.preprocess import center_crop_arr
   a = np.asarray(array)
   if a.ndim == 3 and a.shape[-1] == 1:
     a = a[..., 0]
@@ -312,7 +313,7 @@ class TfdsSource:
                image_key: str = "image", caption_key: str = "caption"):
     if not name:
       raise FileNotFoundError("data.source tfds needs data.tfds.name")
-    import tensorflow_datasets as tfds  # heavy: only when asked for
+    import tensorflow_datasets as tfds  # lazy: seconds to import, only when asked for
     try:
       self.ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # noqa: BLE001 - tfds raises assorted types for a missing dataset
@@ -375,7 +376,6 @@ class LatentSource:
       raise FileNotFoundError(f"data source latents:{directory}: no {LATENTS_META} (not a "
                               "complete `mmar-jax prepare-data` output)")
     self.meta = json.loads(meta_path.read_text())
-    import grain
     self.ds = grain.sources.ArrayRecordDataSource(
         [str(self.directory / s) for s in self.meta["shards"]])
     if len(self.ds) != self.meta["records"]:
@@ -405,7 +405,6 @@ def latent_fingerprint(config) -> dict:
   """What makes latents valid for a config: the image size and the image tokenizer (its kind,
   patching, scale and VAE architecture). The VAE's weights path is recorded beside it, not
   compared: a moved directory holds the same weights."""
-  from mmar_jax.models.image_tokenizer import token_spec
   image = config.model.image.to_dict()
   stride, channels = token_spec(image)
   out = {"size": image["size"], "kind": image["kind"], "stride": stride, "channels": channels,
@@ -420,12 +419,10 @@ def latent_fingerprint(config) -> dict:
 
 def make_source(config, source: str | None = None, split: str = "train"):
   """The record source a config names (`data.source`, or `source` if given)."""
-  from mmar_jax.errors import ConfigError
   spec = config.data.source if source is None else source
   size = int(config.model.image.size)
   kind, _, arg = spec.partition(":")
   if kind == "demo":
-    from mmar_jax.data.shapes import ShapesDataset, ShapesSpec
     return ShapesDataset(ShapesSpec(image_size=size, seed=config.seed), split=split)
   if kind in ("folder", "jsonl", "wds", "latents") and not arg:
     raise ConfigError(f"data.source {spec!r}: {kind}: needs a path ({kind}:PATH)")

@@ -17,6 +17,7 @@ import tempfile
 from typing import Iterable, Iterator
 
 import numpy as np
+from etils import epath
 
 MANIFEST = "mmar_tokenizer.json"  # what kind of tokenizer a saved directory holds
 
@@ -97,7 +98,7 @@ class HFTokenizer(TextTokenizer):
 
   @classmethod
   def from_directory(cls, directory: str) -> "HFTokenizer":
-    from transformers import AutoTokenizer  # heavy (seconds): only when asked for
+    from transformers import AutoTokenizer  # lazy: seconds to import, only when asked for
     with _local_copy(directory) as local:
       return cls(AutoTokenizer.from_pretrained(local))
 
@@ -151,7 +152,6 @@ def _is_remote(path: str) -> bool:
 
 
 def _epath(path: str):
-  from etils import epath
   return epath.Path(path)
 
 

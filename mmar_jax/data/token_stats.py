@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import logging
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from mmar_jax.data.prepare import image_tokenizer
+from mmar_jax.data.sources import make_source
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +34,6 @@ def record_indices(num_records: int, num: int) -> np.ndarray:
 def source_tokens(config, source, num: int, batch_size: int = 32):
   """Yields token arrays [b, N, C] (tokenizer space) of `num` records spread over `source`;
   unreadable records are skipped and counted."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from mmar_jax.data.prepare import image_tokenizer
-
   compiled = []
 
   def encode(images):
@@ -83,7 +83,6 @@ def estimate(config, source) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def fill_config(config) -> None:
   """Estimates and stores the statistics in `config` when it normalises by data and has none
   (a new run); the data source is opened only then."""
-  from mmar_jax.data.sources import make_source
   image = config.model.image
   if image.norm != "data" or image.token_scale:
     return

@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mmar_jax.models.flash_attention import flash_attention
+
 
 def structure_mask(q_seg, q_block, k_seg, k_block) -> jax.Array:
   """bool [B, 1, T, S]: may query t attend key s."""
@@ -43,7 +45,6 @@ def attend(q, k, v, mask, *, implementation: str = "einsum", structure=None) -> 
   if implementation in FLASH:
     if structure is None:
       raise ValueError(f"attention {implementation!r} needs the structure ids, not a mask")
-    from mmar_jax.models.flash_attention import flash_attention
     out = flash_attention(q, k, v, *structure, interpret=implementation == "flash_interpret")
     return out.astype(v.dtype)
   if implementation != "einsum":

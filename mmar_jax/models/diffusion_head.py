@@ -24,8 +24,8 @@ from flax import nnx
 
 from mmar_jax.diffusion.parameterization import PREDICTIONS
 from mmar_jax.dtypes import get_dtype
-from mmar_jax.models.layers import (LayerNorm, Linear, layer_norm, normal_002, param, scan_or_unroll,
-                                   zeros)
+from mmar_jax.models.layers import (LayerNorm, Linear, layer_norm, normal_002, param,
+                                    scan_or_unroll, zeros)
 
 FREQUENCY_DIM = 256  # size of the sinusoidal timestep features (MAR's frequency_embedding_size)
 MAX_PERIOD = 10000

@@ -35,6 +35,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
+from mmar_jax.parallel.sharding import spec_for
+
 # Finite stand-ins for -inf / +inf: exp() of their differences is exactly 0 and never NaN.
 _NEG = -1e30
 _BIG_SEG = 2 ** 30
@@ -385,7 +387,6 @@ def _round_up(n: int, m: int) -> int:
 
 def _shard_specs(q, k):
   """PartitionSpecs of (q-like, kv-like, ids) under the current mesh, or None without one."""
-  from mmar_jax.parallel.sharding import spec_for
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty or mesh.size == 1:
     return None

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from mmar_jax.models.vae import VAE, VAEConfig
+from mmar_jax.files import load_params, read_json
+from mmar_jax.models.vae import VAE, VAEConfig, vae_from_params
 
 MAR_KL16_SCALE = 0.2325
 
@@ -251,7 +252,6 @@ def token_spec(cfg) -> tuple[int, int]:
   p = int(_get(cfg, "patch_size", 1))
   fields = _as_dict(_get(cfg, "vae"))
   if _get(cfg, "path"):
-    from mmar_jax.files import read_json
     fields = dict(read_json(_get(cfg, "path"), "vae_config.json"), **fields)
   vae_cfg = VAEConfig.from_dict(fields)
   return vae_cfg.downsample_factor * p, vae_cfg.embed_dim * p * p
@@ -261,8 +261,6 @@ def load_vae_tokenizer(directory: str, patch_size: int = 1, scale: float = MAR_K
                        overrides: dict | None = None) -> VAETokenizer:
   """A VAETokenizer with the weights of a `convert mar-vae` output (`params/`, `vae_config.json`).
   `overrides` may change execution switches (dtype, precision); shape keys must match the file."""
-  from mmar_jax.files import load_params, read_json
-  from mmar_jax.models.vae import vae_from_params
   stored = read_json(directory, "vae_config.json")
   overrides = dict(overrides or {})
   stored_cfg = VAEConfig.from_dict(stored)

@@ -113,7 +113,6 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MMARConfig:
 
 
 class MMAR(nnx.Module):
-
   def __init__(self, cfg: MMARConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.backbone = Qwen2(cfg.backbone, rngs=rngs)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.nnx import traversals
 
 from mmar_jax.dtypes import get_dtype
 from mmar_jax.models.layers import ones, param, zeros
@@ -279,7 +280,6 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-
   def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
     widths = [cfg.ch * m for m in cfg.ch_mult]
     c = widths[-1]
@@ -357,7 +357,6 @@ def vae_from_params(cfg: VAEConfig, params: dict) -> VAE:
   """A VAE holding `params` (a nested dict as `nnx.State.to_pure_dict()` or the converter gives,
   list indices as int or str), without a random initialisation first. Every parameter must be
   present with its exact shape; the error names the first that is not."""
-  from flax.nnx import traversals
   expected = param_paths(cfg)
   given = {tuple(str(p) for p in k): v for k, v in traversals.flatten_mapping(params).items()}
   for path in expected:

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmar_jax.models import attention as attn
-from mmar_jax.parallel.sharding import constrain
 from mmar_jax.models.layers import (Linear, layer_norm, normal_002, ones, param, scan_or_unroll,
                                     xavier, zeros)
+from mmar_jax.parallel.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,9 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+import jax
+from orbax.checkpoint import multihost
+
 from mmar_jax.errors import ConfigError
 
 OFF = ("0", "off", "false", "no")
@@ -104,7 +107,6 @@ def maybe_initialize(environ: Mapping[str, str] | None = None) -> dict | None:
   kwargs = plan(environ)
   if kwargs is None:
     return None
-  import jax
   if not jax.distributed.is_initialized():
     jax.distributed.initialize(**kwargs)
   return kwargs
@@ -116,10 +118,8 @@ def barrier(name: str, timeout_s: int = 3600):
   Through the coordination service, not a device collective: on CPU the first use of a
   collective gives its peers only 30 s to join (gloo), and one process's compile can lag the
   other's by more than that; so training compiles its step everywhere, then meets here."""
-  import jax
   if jax.process_count() == 1:
     return
-  from orbax.checkpoint import multihost
   multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
 
 

@@ -10,6 +10,7 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from mmar_jax.config import parse_mesh
@@ -38,11 +39,9 @@ def make_mesh(mesh="1,-1,1", mesh_dcn="1,1,1", devices=None) -> Mesh:
   n_slices = math.prod(dcn)
   ici = resolve_shape(parse_mesh(mesh), len(devices) // n_slices)
   if n_slices > 1:
-    from jax.experimental import mesh_utils
     arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
   else:
     try:
-      from jax.experimental import mesh_utils
       arr = mesh_utils.create_device_mesh(ici, devices=devices)
     except Exception:  # noqa: BLE001 - CPU / odd topologies: plain order is fine
       arr = np.asarray(devices).reshape(ici)

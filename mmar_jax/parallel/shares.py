@@ -21,7 +21,11 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Sequence, TypeVar
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
+
+from mmar_jax.parallel import distributed
 
 T = TypeVar("T")
 
@@ -54,12 +58,9 @@ def agreed(check: Callable[[int], bool], count: int, name: str) -> list[bool]:
   Only process 0 calls `check` (one look at the folder, not P). The others meet it at a
   coordination-service barrier first: the broadcast is a device collective, whose peers on CPU
   must join within seconds of each other."""
-  import jax
   if jax.process_count() == 1:
     return [bool(check(i)) for i in range(count)]
-  from jax.experimental import multihost_utils
 
-  from mmar_jax.parallel import distributed
   flags = np.zeros((count,), np.int32)
   if jax.process_index() == 0:
     flags[:] = [bool(check(i)) for i in range(count)]
@@ -71,7 +72,6 @@ def agreed(check: Callable[[int], bool], count: int, name: str) -> list[bool]:
 
 def global_rows(host: np.ndarray, sharding) -> "jax.Array":
   """A global array from a host array every process holds whole (the same global batch)."""
-  import jax
   host = np.asarray(host)
   return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

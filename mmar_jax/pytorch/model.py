@@ -26,16 +26,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
+import ml_dtypes
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmar_jax.convert.whole_model import CONFIG_FILE
-from mmar_jax.data.text_tokenizer import encode_prompts, encode_questions
+from mmar_jax.convert import safetensors_io as sio
+from mmar_jax.convert.whole_model import CONFIG_FILE, read_export_config
+from mmar_jax.data.text_tokenizer import encode_prompts, encode_questions, load_text_tokenizer
 from mmar_jax.diffusion import schedule as sched_lib
 from mmar_jax.errors import ConversionError
+from mmar_jax.files import atomic_output
+from mmar_jax.models.vae import VAEConfig
 from mmar_jax.pytorch.modules import DiffLoss, EmbeddingViT, VisProjector, patchify, unpatchify
 from mmar_jax.pytorch.vae import AutoencoderKL
 
@@ -44,7 +49,7 @@ TEXT_TO_IMAGE, IMAGE_TO_TEXT, IMAGE_ONLY = 0, 1, 2
 
 
 def hf_qwen2_config(bb: dict, max_positions: int):
-  from transformers import Qwen2Config
+  from transformers import Qwen2Config  # lazy: seconds to import, this path only
   extra = dict(head_dim=bb["head_dim"]) if bb.get("head_dim") else {}
   return Qwen2Config(
       vocab_size=bb["vocab_size"], hidden_size=bb["hidden_size"],
@@ -65,11 +70,10 @@ def allowed(q_seg, q_blk, k_seg, k_blk, q_slot=None) -> torch.Tensor:
 
 
 class MMAR(nn.Module):
-
   def __init__(self, config: dict, tokenizer=None):
     """`config`: the model block of mmar_config.json (MMARConfig.to_dict())."""
     super().__init__()
-    from transformers import Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM  # lazy: seconds to import, this path only
     self.config, self.tokenizer = config, tokenizer
     self.source = None  # (directory, mmar_config.json) when loaded by from_pretrained
     c = config
@@ -261,7 +265,7 @@ class MMAR(nn.Module):
     With cfg != 1 the conditional and unconditional (empty caption) rows run as one doubled batch
     and the head's outputs are guided, cond + (cfg_k - 1)(cond - uncond), cfg_k growing linearly
     with the filled fraction (MAR) or constant."""
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # lazy: seconds to import, this path only
     b, n, c = text.shape[0], self.n, self.channels
     gen = torch.Generator().manual_seed(int(seed))
     orders = torch.stack([torch.randperm(n, generator=gen) for _ in range(b)]) if orders is None else orders.long()
@@ -333,7 +337,7 @@ class MMAR(nn.Module):
     """Greedy captioning / VQA with a KV cache: `<boi> [img] <eoi> [question]` (left-padded) fills
     the cache once, then one single-token pass per token; ids [B, max_tokens], pad after EOS.
     Ids of <boi>/<eoi> and spare embedding rows are never chosen. images [B, H, W, 3] in [-1, 1]."""
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # lazy: seconds to import, this path only
     b, n = images.shape[0], self.n
     if question is None:
       question, question_len = torch.zeros(b, 1, dtype=torch.long), torch.zeros(b, dtype=torch.long)
@@ -407,14 +411,11 @@ class MMAR(nn.Module):
     """A `convert jax-to-safetensors` output: mmar_config.json, the safetensors files and, when
     present, tokenizer/. Every tensor of the model must be there with its shape, and nothing
     else: the error names the first that is not. The model takes the files' dtype (or `dtype`)."""
-    from mmar_jax.convert import safetensors_io as sio
-    from mmar_jax.convert.whole_model import read_export_config
     meta = read_export_config(directory)
     path = os.path.join(directory, CONFIG_FILE)
     config = resolved_config(meta["model"], path)
     tokenizer = None
     if os.path.isdir(os.path.join(directory, "tokenizer")):
-      from mmar_jax.data.text_tokenizer import load_text_tokenizer
       tokenizer = load_text_tokenizer(os.path.join(directory, "tokenizer"))
     model = cls(config, tokenizer)
     model.source = (directory, meta)
@@ -428,10 +429,6 @@ class MMAR(nn.Module):
     """Writes what `from_pretrained` reads and `convert safetensors-to-jax` imports: the state dict
     under its own names (one model.safetensors), the mmar_config.json the model was loaded with
     and its tokenizer/. Atomic: an existing `directory` is kept unless `overwrite`."""
-    import shutil
-
-    from mmar_jax.convert import safetensors_io as sio
-    from mmar_jax.files import atomic_output
     if self.source is None:
       raise ValueError("save_pretrained writes a model opened with from_pretrained (it needs the "
                        "run's mmar_config.json)")
@@ -456,7 +453,6 @@ def resolved_config(model: dict, where: str) -> dict:
     if key not in c:
       raise ConversionError(f"{where}: model config has no {key!r}")
   if c["image"].get("kind", "vae") == "vae":
-    from mmar_jax.models.vae import VAEConfig
     fields = dict(c["image"].get("vae") or {})
     if c["image"].get("path") and os.path.isfile(os.path.join(c["image"]["path"], "vae_config.json")):
       with open(os.path.join(c["image"]["path"], "vae_config.json")) as f:
@@ -476,7 +472,6 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
   """torch -> numpy (bfloat16 as ml_dtypes.bfloat16), bit for bit."""
   t = t.detach().cpu().contiguous()
   if t.dtype == torch.bfloat16:
-    import ml_dtypes
     return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
   return t.numpy().copy()
 

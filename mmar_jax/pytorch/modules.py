@@ -118,7 +118,6 @@ class ResBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-
   def __init__(self, width: int, out_channels: int):
     super().__init__()
     self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)

@@ -124,7 +124,6 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-
   def __init__(self, cfg: dict):
     super().__init__()
     g, eps, widths = cfg["norm_groups"], cfg["norm_eps"], [cfg["ch"] * m for m in cfg["ch_mult"]]

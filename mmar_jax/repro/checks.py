@@ -20,11 +20,31 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
+from flax import nnx
 
 from mmar_jax import config as config_lib
+from mmar_jax.commands import diagnose
+from mmar_jax.convert import mar_head, mar_vae, safetensors_io
+from mmar_jax.convert.hf import hf_to_jax, jax_to_hf, read_model_config
+from mmar_jax.data.pipeline import Batcher
+from mmar_jax.data.sources import make_source
+from mmar_jax.data.text_tokenizer import load_text_tokenizer
+from mmar_jax.diffusion import numerics
+from mmar_jax.files import load_params
+from mmar_jax.models.diffusion_head import DiffusionHead, HeadConfig
+from mmar_jax.models.mmar import model_config
+from mmar_jax.models.qwen2 import Qwen2, Qwen2Config
+from mmar_jax.models.vae import VAE, VAEConfig
+from mmar_jax.parallel.mesh import make_mesh
+from mmar_jax.repro import hf_parity, torch_parity
+from mmar_jax.sample.image import generate_images
+from mmar_jax.train.checkpoint import Checkpointer, checkpoint_steps
+from mmar_jax.train.metrics import environment, read_metrics
+from mmar_jax.train.step import abstract_train_state, build, init_state, make_train_step
+from mmar_jax.train.workdir import model_setup, resolve_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-GOLDEN = os.path.join(ROOT, "mmar_jax", "repro", "golden.json")
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden.json")  # package data
 
 
 @dataclasses.dataclass
@@ -43,11 +63,6 @@ def _verdict(name, ok: bool, value, tolerance, detail="") -> Result:
   return Result(name, "pass" if ok else "fail", value, tolerance, detail)
 
 
-def tiny_config(*overrides):
-  cfg = config_lib.load_file(os.path.join(ROOT, "configs", "tiny.py"))
-  return config_lib.apply_overrides(cfg, list(overrides))
-
-
 # -- a few steps of training, in process ----------------------------------------------------------
 
 
@@ -58,13 +73,6 @@ def run_steps(config, steps: int, *, mesh: str | None = None, state=None, start:
   skip_batch: a step that consumes the next step's batch instead (a data-order bug).
   key_by_device: per-example draws keyed by the example's position inside its device shard
   instead of its global index (the bug the mesh check exists for)."""
-  from mmar_jax.data.pipeline import Batcher
-  from mmar_jax.data.text_tokenizer import load_text_tokenizer
-  from mmar_jax.models.mmar import model_config
-  from mmar_jax.parallel.mesh import make_mesh
-  from mmar_jax.data.sources import make_source
-  from mmar_jax.train.step import build, init_state, make_train_step
-
   tokenizer = load_text_tokenizer(config.text_tokenizer)
   mcfg = model_config(config, tokenizer)
   shape = config_lib.parse_mesh(mesh or config.mesh)
@@ -109,7 +117,7 @@ def check_determinism(config=None, *, steps: int = 4, seed_b: int | None = None,
   run's own steps, replayed from a checkpoint, against its logged metrics.jsonl."""
   if workdir:
     return _replay_run("determinism", workdir, atol=0.0)
-  config = config or tiny_config()
+  config = config or config_lib.load("tiny")
   cfg_b = config_lib.apply_overrides(config_lib.from_dict(config_lib.to_dict(config)),
                                      [("seed", str(seed_b))] if seed_b is not None else [])
   la, sa, tra = run_steps(config, steps)
@@ -129,10 +137,6 @@ def check_determinism(config=None, *, steps: int = 4, seed_b: int | None = None,
 
 def _run_context(workdir):
   """(config, env note, checkpoint steps, logged losses by step) of a training workdir."""
-  from etils import epath
-  from mmar_jax.train.checkpoint import checkpoint_steps
-  from mmar_jax.train.workdir import resolve_config
-  from mmar_jax.train.metrics import environment, read_metrics
   config = resolve_config(workdir, None, [])
   env_path = epath.Path(workdir) / "env.json"
   note = ""
@@ -148,17 +152,12 @@ def _run_context(workdir):
 
 def _run_devices(workdir):
   """The run's devices (as many as env.json records), so its mesh resolves as it did."""
-  from etils import epath
   env_path = epath.Path(workdir) / "env.json"
   count = json.loads(env_path.read_text()).get("device_count") if env_path.exists() else None
   return jax.devices()[:count] if count and count <= jax.device_count() else None
 
 
 def _restore(workdir, config, step, mesh=None, devices=None):
-  from mmar_jax.parallel.mesh import make_mesh
-  from mmar_jax.train.checkpoint import Checkpointer
-  from mmar_jax.train.step import abstract_train_state, build
-  from mmar_jax.train.workdir import model_setup
   _, mcfg = model_setup(config, workdir)
   tr = build(config, mcfg, make_mesh(mesh or config.mesh, config.mesh_dcn, devices=devices))
   ckpt = Checkpointer(workdir, read_only=True)
@@ -193,8 +192,6 @@ def _replay_run(name, workdir, *, atol: float, mesh: str | None = None) -> Resul
 
 
 def _samples(tr, params, config) -> np.ndarray:
-  from mmar_jax.data.text_tokenizer import load_text_tokenizer
-  from mmar_jax.sample.image import generate_images
   model = tr.model(jax.device_get(params))
   return generate_images(model, load_text_tokenizer(config.text_tokenizer), ["a red square at the top"],
                          jax.random.key(0), ar_steps=4, diffusion_steps=10, cfg=2.0)
@@ -203,11 +200,9 @@ def _samples(tr, params, config) -> np.ndarray:
 def check_resume(config=None, *, steps: int = 6, skip_batch: bool = False, workdir=None) -> Result:
   """N steps straight equal N/2 + checkpoint + restart + N/2 (through a real orbax checkpoint).
   With `workdir`: a restart from one stored checkpoint reproduces the next one bit for bit."""
-  from mmar_jax.train.checkpoint import Checkpointer
-  from mmar_jax.train.step import abstract_train_state
   if workdir:
     return _resume_run(workdir)
-  config = config or tiny_config()
+  config = config or config_lib.load("tiny")
   half = steps // 2
   straight, s_full, _ = run_steps(config, steps)
   first, s_half, tr = run_steps(config, half)
@@ -236,7 +231,7 @@ def check_mesh(config=None, *, steps: int = 4, meshes=("1,8,1", "2,2,2"), atol: 
     other = "1,-1,1" if config.mesh.replace(" ", "") != "1,-1,1" else "-1,1,1"
     tol = atol if config.model.compute_dtype == "float32" else 1e-2
     return _replay_run("mesh", workdir, atol=tol, mesh=other)
-  config = config or tiny_config()
+  config = config or config_lib.load("tiny")
   if jax.device_count() < 8:
     return Result("mesh", "skip", detail=f"needs 8 devices, have {jax.device_count()}")
   la, _, _ = run_steps(config, steps, mesh=meshes[0], key_by_device=key_by_device)
@@ -246,8 +241,6 @@ def check_mesh(config=None, *, steps: int = 4, meshes=("1,8,1", "2,2,2"), atol: 
 
 
 def _resume_run(workdir) -> Result:
-  from mmar_jax.train.checkpoint import Checkpointer
-  from mmar_jax.train.step import abstract_train_state
   config, note, steps, _ = _run_context(workdir)
   if len(steps) < 2:
     return Result("resume", "skip", detail=f"{workdir}: needs two checkpoints, has {steps}")
@@ -268,12 +261,11 @@ def _resume_run(workdir) -> Result:
 
 
 def golden_key() -> str:
-  import jax
   return f"{jax.default_backend()}|{jax.devices()[0].device_kind}|jax-{jax.__version__}"
 
 
 def golden_losses(steps: int = 5) -> np.ndarray:
-  config = tiny_config(("mesh", "1,1,1"))
+  config = config_lib.load("tiny", [("mesh", "1,1,1")])
   losses, _, _ = run_steps(config, steps, devices=jax.devices()[:1])
   return losses
 
@@ -310,7 +302,6 @@ def check_hf_parity(*, hf_dir=None, atol: float = 1e-4, max_kl: float = 1e-6,
                     dump_logits=None, perturb=None) -> Result:
   """The JAX backbone against the PyTorch model of a HuggingFace directory (a tiny random one
   by default). `perturb(params) -> params` edits the converted JAX weights."""
-  from mmar_jax.repro import hf_parity
   r = hf_parity.check_hf_parity(hf_dir, prompt_ids=prompt_ids, seq_len=seq_len, atol=atol,
                                 max_kl=max_kl, min_argmax=min_argmax, dump_logits=dump_logits,
                                 perturb=perturb, log=print)
@@ -324,7 +315,6 @@ def check_torch_parity(config=None, *, workdir=None, perturb: str | None = None,
   """The JAX MMAR against the PyTorch MMAR on the same weights and draws (repro/torch_parity.py):
   a random model of `config` (default tiny), or the EMA weights of `workdir`. `reference` reuses
   a computed JAX side."""
-  from mmar_jax.repro import torch_parity
   r = torch_parity.compare(reference or torch_parity.reference(workdir, config), perturb,
                            log=lambda *_: None)
   tol = torch_parity.TOLERANCES
@@ -340,15 +330,6 @@ def check_roundtrip(*, perturb: str | None = None) -> Result:
   """HF Qwen2, MAR VAE and MAR head weights, JAX -> PyTorch layout -> JAX, bit for bit (the head
   keeps its prediction type through the file metadata). `perturb` names a part ('hf', 'vae',
   'head') whose PyTorch-side weights are nudged, to show the check can fail."""
-  import tempfile
-  from flax import nnx
-  from mmar_jax.convert import mar_head, mar_vae
-  from mmar_jax.convert.hf import hf_to_jax, jax_to_hf, read_model_config
-  from mmar_jax.files import load_params
-  from mmar_jax.models.diffusion_head import DiffusionHead, HeadConfig
-  from mmar_jax.models.vae import VAE, VAEConfig
-  from mmar_jax.models.qwen2 import Qwen2, Qwen2Config
-
   def nudge(sd, part):
     if perturb != part:
       return sd
@@ -366,7 +347,6 @@ def check_roundtrip(*, perturb: str | None = None) -> Result:
   with tempfile.TemporaryDirectory() as tmp:
     jax_to_hf(params, qcfg, os.path.join(tmp, "hf"))
     if perturb == "hf":
-      from mmar_jax.convert import safetensors_io
       path = os.path.join(tmp, "hf", "model.safetensors")
       sd = nudge(safetensors_io.read_all(path), "hf")
       safetensors_io.save_file(path, sd)
@@ -403,8 +383,6 @@ def _str_keys(tree):
 def check_numerics(*, full: bool = False, workdir=None) -> Result:
   """The bf16 checks of `diagnose numerics`: analytic factors and the precision contract (fast),
   plus trained heads' measured errors and their ordering (`full`)."""
-  from mmar_jax.commands import diagnose
-  from mmar_jax.diffusion import numerics
   result = diagnose.run_numerics(workdir=workdir if full else None, fast=not full,
                                  log=lambda *a, **k: None)
   try:

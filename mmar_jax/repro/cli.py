@@ -6,6 +6,11 @@ import json
 import os
 import sys
 
+from etils import epath
+
+from mmar_jax import config as config_lib
+from mmar_jax.repro import checks
+
 CHECK_NAMES = ("determinism", "resume", "mesh", "hf-parity", "roundtrip", "numerics", "golden",
                "torch-parity")
 
@@ -27,21 +32,7 @@ def add_args(p):
   p.add_argument("--seq-len", type=int, default=576)
 
 
-def prepare_environment():
-  """8 simulated CPU devices when no accelerator is present (before JAX starts), and
-  deterministic GPU kernels."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  notes = []
-  if "xla_gpu_deterministic_ops" not in flags:
-    flags += " --xla_gpu_deterministic_ops=true"
-    notes.append("set --xla_gpu_deterministic_ops=true (GPU runs are deterministic only with it)")
-  os.environ["XLA_FLAGS"] = flags.strip()
-  return notes
-
-
 def run(args) -> list:
-  from mmar_jax import config as config_lib
-  from mmar_jax.repro import checks
   names = args.checks or list(CHECK_NAMES)
   unknown = [n for n in names if n not in CHECK_NAMES]
   if unknown:
@@ -91,6 +82,5 @@ def cli_repro(args) -> int:
   results = run(args)
   print(table(results))
   if args.json:
-    from etils import epath
     epath.Path(args.json).write_text(json.dumps({"checks": [r.to_dict() for r in results]}, indent=2) + "\n")
   return 1 if any(r.status == "fail" for r in results) else 0

@@ -14,18 +14,19 @@ import os
 import tempfile
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from mmar_jax.convert import hf
 from mmar_jax.errors import ConversionError
+from mmar_jax.files import load_params
+from mmar_jax.models.qwen2 import text_structure
 
 
 @functools.lru_cache(maxsize=None)
 def _forward_fn():
-  import jax
-  from flax import nnx
-
-  from mmar_jax.models.qwen2 import text_structure
-
   @functools.partial(jax.jit, static_argnums=0)
   def forward(graphdef, state, ids, mask):
     model = nnx.merge(graphdef, state)
@@ -38,8 +39,6 @@ def _forward_fn():
 
 def jax_logits(model, ids, attention_mask=None) -> np.ndarray:
   """fp32 logits [B, T, V] of a Qwen2 module on (left-padded) token ids [B, T]."""
-  import jax.numpy as jnp
-  from flax import nnx
   ids = jnp.asarray(ids, jnp.int32)
   mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
   graphdef, state = nnx.split(model)
@@ -47,7 +46,7 @@ def jax_logits(model, ids, attention_mask=None) -> np.ndarray:
 
 
 def torch_logits(model, ids, attention_mask=None) -> np.ndarray:
-  import torch
+  import torch  # lazy: seconds to import, this path only
   ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
   mask = positions = None
   if attention_mask is not None:
@@ -60,9 +59,9 @@ def torch_logits(model, ids, attention_mask=None) -> np.ndarray:
 
 def load_torch_model(hf_dir: str):
   """fp32 `Qwen2ForCausalLM`; refuses a load that random-initialised or dropped tensors."""
-  import torch
-  from transformers import Qwen2ForCausalLM
-  from transformers.utils import logging as hf_logging
+  import torch  # lazy: seconds to import, this path only
+  from transformers import Qwen2ForCausalLM  # lazy: seconds to import, this path only
+  from transformers.utils import logging as hf_logging  # lazy: seconds to import, this path only
   hf_logging.disable_progress_bar()
   model, info = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
   bad = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
@@ -117,8 +116,6 @@ def check_hf_parity(hf_dir: str | None = None, *, prompt_ids: str | np.ndarray |
 
   `perturb` edits the converted JAX params before the JAX run (to test that the check fails).
   """
-  from mmar_jax.convert import hf
-  from mmar_jax.files import load_params
   with tempfile.TemporaryDirectory(prefix="mmar_hf_parity_") as tmp:
     if hf_dir is None:
       hf_dir = hf.make_tiny_hf_checkpoint(os.path.join(tmp, "hf"))

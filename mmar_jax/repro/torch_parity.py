@@ -25,6 +25,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmar_jax import config as config_lib
+from mmar_jax.convert.whole_model import tensors_from_params
+from mmar_jax.data import token_stats
+from mmar_jax.data.pipeline import Batcher
+from mmar_jax.data.sources import make_source
+from mmar_jax.data.text_tokenizer import encode_questions, load_text_tokenizer
+from mmar_jax.diffusion import samplers, schedule
+from mmar_jax.models import sequence
+from mmar_jax.models.mmar import MMAR, combine, model_config
+from mmar_jax.pytorch.model import MMAR as TorchMMAR
+from mmar_jax.pytorch.model import load_checked, resolved_config
+from mmar_jax.run import Run
+from mmar_jax.sample.image import generate_tokens, sample_keys, typed_key
+from mmar_jax.sample.text import caption_tokens
+
 TOLERANCES = dict(logits=1e-5, head=1e-5, losses=1e-5, grad_norms=1e-4, tokens=1e-4)
 GENERATION = dict(ar_steps=4, diffusion_steps=10, cfg=3.0, cfg_schedule="linear", temperature=1.0)
 
@@ -37,17 +52,12 @@ def _fp32(mcfg):
 def _setup(workdir, config=None):
   """(config, tokenizer, fp32 model config, params as numpy): a run's EMA weights, or a random
   model of `config` (default: the tiny one with a learned variance and token normalisation)."""
-  from mmar_jax.models.mmar import MMAR, model_config
-  from mmar_jax.repro.checks import tiny_config
   if workdir:
-    from mmar_jax.run import Run
     run = Run(workdir)
     params, _ = run.params(None, "ema", on_host=True)
     return run.config, run.tokenizer, _fp32(run.model_cfg), params
-  from mmar_jax.data.text_tokenizer import load_text_tokenizer
   if config is None:
-    from mmar_jax.data import token_stats
-    config = tiny_config(("model.head.learn_sigma", "true"), ("model.image.norm", "data"))
+    config = config_lib.load("tiny", [("model.head.learn_sigma", "true"), ("model.image.norm", "data")])
     token_stats.fill_config(config)
   tokenizer = load_text_tokenizer(config.text_tokenizer)
   mcfg = _fp32(model_config(config, tokenizer))
@@ -60,8 +70,6 @@ def _setup(workdir, config=None):
 
 
 def _batch(config, tokenizer, mcfg, size: int = 8):
-  from mmar_jax.data.pipeline import Batcher
-  from mmar_jax.data.sources import make_source
   batcher = Batcher(make_source(config), tokenizer, batch_size=size, max_text_len=mcfg.max_text_len,
                     seed=int(config.seed), mix="0.45,0.45,0.1", random_flip=False)
   return batcher.local_batch(0)
@@ -80,10 +88,8 @@ LOSS_FLOOR = 0.1
 
 
 def _torch_model(mcfg, params, tokenizer, perturb):
-  import torch
+  import torch  # lazy: seconds to import, this path only
 
-  from mmar_jax.convert.whole_model import tensors_from_params
-  from mmar_jax.pytorch.model import MMAR as TorchMMAR, load_checked, resolved_config
   tensors = {name: f() for name, f in tensors_from_params(params, mcfg).items()}
   if perturb == "kernel":
     name = "vit.blocks.0.proj.weight"
@@ -103,12 +109,6 @@ def _torch_model(mcfg, params, tokenizer, perturb):
 
 def reference(workdir=None, config=None) -> dict:
   """The JAX side, computed once: the model, the prepared batch and every JAX output."""
-  from mmar_jax.diffusion import samplers, schedule
-  from mmar_jax.models import sequence
-  from mmar_jax.models.mmar import MMAR, combine
-  from mmar_jax.sample.image import generate_tokens, sample_keys, typed_key
-  from mmar_jax.data.text_tokenizer import encode_questions
-  from mmar_jax.sample.text import caption_tokens
   t0 = time.perf_counter()
   config, tokenizer, mcfg, params = _setup(workdir, config)
   graphdef = nnx.split(nnx.eval_shape(lambda: MMAR(mcfg, rngs=nnx.Rngs(0))))[0]
@@ -164,7 +164,7 @@ def reference(workdir=None, config=None) -> dict:
 
 def compare(ref: dict, perturb: str | None = None, log=print) -> dict:
   """The PyTorch MMAR on `reference`'s weights and draws, against its JAX outputs."""
-  import torch
+  import torch  # lazy: seconds to import, this path only
   t0 = time.perf_counter()
   tm = _torch_model(ref["mcfg"], ref["params"], ref["tokenizer"], perturb)
   prep = {k: torch.from_numpy(np.array(v)) for k, v in ref["prep"].items()}

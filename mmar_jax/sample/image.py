@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmar_jax.data.preprocess import to_uint8
 from mmar_jax.data.text_tokenizer import encode_prompts
 from mmar_jax.diffusion import samplers
 
@@ -267,7 +268,6 @@ def _decode(graphdef, state, tokens):
 
 def tokens_to_images(model, tokens) -> np.ndarray:
   """Tokens [B, N, C] -> uint8 images [B, H, W, 3] through the model's image tokenizer."""
-  from mmar_jax.data.preprocess import to_uint8
   graphdef, state = split_model(model)
   return to_uint8(jax.device_get(_decode(graphdef, state, tokens)))
 

@@ -14,13 +14,14 @@ from typing import Sequence
 
 import numpy as np
 from etils import epath
+from PIL import Image
 
+from mmar_jax.data.preprocess import center_crop_arr, to_model_range
 from mmar_jax.files import write_bytes_atomic
 
 
 def png_bytes(image: np.ndarray) -> bytes:
   """uint8 [H, W, 3] -> PNG bytes, with nothing in them but the pixels."""
-  from PIL import Image
   arr = np.ascontiguousarray(np.asarray(image))
   if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
     raise ValueError(f"png_bytes wants uint8 [H, W, 3], got {arr.dtype} {arr.shape}")
@@ -85,9 +86,6 @@ def save_samples(out, images: np.ndarray, overwrite: bool = False) -> list[epath
 def load_image(path, size: int) -> np.ndarray:
   """A picture file -> float32 [size, size, 3] in [-1, 1]: RGB, and when it is not already
   size x size, MAR's resize of the short side and centre crop (preprocess.center_crop_arr)."""
-  from PIL import Image
-
-  from mmar_jax.data.preprocess import center_crop_arr, to_model_range
   p = epath.Path(path)
   if not p.exists():
     raise FileNotFoundError(f"image not found: {path}")

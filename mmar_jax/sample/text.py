@@ -13,6 +13,7 @@ from flax import nnx
 from mmar_jax.data.text_tokenizer import encode_questions
 from mmar_jax.models.qwen2 import text_structure
 from mmar_jax.models.sequence import IMAGE_TOKEN
+from mmar_jax.sample.image import model_config_of, split_model, typed_key
 
 
 def greedy_decode(model, prompt_ids, max_new: int, attention_mask=None, eos_id: int | None = None,
@@ -166,7 +167,6 @@ def caption_tokens(model, images, question, question_len, key=None, *, max_token
   pass plus one per further token, counted inside the loop). images [B, H, W, 3] in [-1, 1];
   greedy when `top_p` is None, else nucleus sampling keyed per row by (key, row, token index).
   `model`: an MMAR module or (graphdef, state)."""
-  from mmar_jax.sample.image import model_config_of, split_model, typed_key
   graphdef, state = split_model(model)
   mc = model_config_of((graphdef, state))
   sample = top_p is not None

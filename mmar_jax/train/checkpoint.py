@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 
 import jax
+import orbax.checkpoint as ocp
 from etils import epath
 
 
@@ -28,7 +29,6 @@ class Checkpointer:
 
   def __init__(self, workdir, *, keep: int = 3, save_every: int = 500, async_save: bool = True,
                read_only: bool = False):
-    import orbax.checkpoint as ocp
     self._ocp = ocp
     # Orbax refuses relative paths (in its background save thread, after the step): a local
     # --workdir such as the README's `workdirs/demo` is made absolute here.
@@ -102,7 +102,6 @@ def pick_step(workdir, step: int | None) -> int:
 def restore_params(workdir, step: int | None, which: str, abstract_params: dict) -> tuple[dict, int]:
   """Only the params (or EMA) of a checkpoint, for export and sampling: (params, step).
   `abstract_params` leaves carry the shardings (or a single device) to restore onto."""
-  import orbax.checkpoint as ocp
   if which not in ("ema", "raw"):
     raise ValueError(f"--params must be ema or raw, got {which!r}")
   step = pick_step(workdir, step)

@@ -10,6 +10,8 @@ counts those too, which is why the comparison in the tests allows a few percent.
 
 from __future__ import annotations
 
+from mmar_jax.train.step import loss_rows
+
 
 def backbone_forward(cfg, seq: int, with_lm_head: bool = True) -> float:
   d, h, kv, hd, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.hd, cfg.intermediate_size
@@ -39,7 +41,6 @@ def head_forward(cfg, rows: int) -> float:
 
 def train_step_flops(mcfg, config, full: bool = False) -> float:
   """Per global batch: forward + backward (3 x forward)."""
-  from mmar_jax.train.step import loss_rows
   b = config.train.batch_size
   mul = config.loss.diffusion_batch_mul
   bb, n = mcfg.backbone, mcfg.num_image_tokens

@@ -14,7 +14,10 @@ import jax
 import numpy as np
 
 from mmar_jax import trees
+from mmar_jax.convert import hf
 from mmar_jax.errors import ConversionError
+from mmar_jax.files import load_params, read_json
+from mmar_jax.models.qwen2 import Qwen2Config
 
 
 def merge_into(state: dict, module: str, loaded: dict, source: str, grow_rows=("embed_tokens",),
@@ -58,9 +61,6 @@ def _grow(path, new, cur, grow_rows, grow_cols):
 
 def load_backbone(path: str):
   """(Qwen2Config, params) from an `hf-to-jax` output or a HuggingFace directory."""
-  from mmar_jax.convert import hf
-  from mmar_jax.files import load_params, read_json
-  from mmar_jax.models.qwen2 import Qwen2Config
   if os.path.exists(os.path.join(path, "model_config.json")):
     stored = read_json(path, "model_config.json")
     names = set(Qwen2Config.__dataclass_fields__)
@@ -87,13 +87,11 @@ def apply(config, tr, state: dict) -> dict:
                             f"the model's {mcfg.backbone.vocab_size}")
     state = merge_into(state, "backbone", params, f"init.backbone {init.backbone}")
   if init.vae:
-    from mmar_jax.files import load_params
     if "vae" not in state["params"].get("image_tokenizer", {}):
       raise ConversionError("init.vae is set but model.image.kind is not 'vae'")
     vae = jax.device_get(load_params(init.vae))
     state = merge_into(state, "image_tokenizer", {"vae": vae}, f"init.vae {init.vae}")
   if init.head:
-    from mmar_jax.files import load_params, read_json
     stored = read_json(init.head, "head_config.json")
     if stored.get("prediction") != mcfg.head.prediction:
       raise ConversionError(f"init.head {init.head} predicts {stored.get('prediction')!r}, the config "

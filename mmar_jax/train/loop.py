@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,8 +23,20 @@ import jax
 import ml_collections
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from mmar_jax import config as config_lib
+from mmar_jax.data import token_stats
+from mmar_jax.data.pipeline import local_rows, make_batcher, to_global
+from mmar_jax.data.sources import make_source
+from mmar_jax.parallel import distributed, sharding
+from mmar_jax.train import flops as flops_lib
+from mmar_jax.train import init_from
+from mmar_jax.train.checkpoint import Checkpointer
+from mmar_jax.train.metrics import MetricsWriter, environment, peak_flops
+from mmar_jax.train.precision import make_precision_probe
+from mmar_jax.train.step import abstract_train_state, init_state, make_train_step
 from mmar_jax.train.workdir import setup
 
 log = logging.getLogger("mmar_jax.train")
@@ -54,7 +67,6 @@ class Preemption:
 
   def reached(self, step: int) -> bool:
     if self.multi:
-      from jax.experimental import multihost_utils
       return bool(multihost_utils.reached_preemption_sync_point(step))
     return self.flag
 
@@ -71,18 +83,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
 
 
 def _train(config, workdir, preempt, stop_at, progress):
-  from mmar_jax.data.pipeline import local_rows, make_batcher, to_global
-  from mmar_jax.data.sources import make_source
-  from mmar_jax.parallel import distributed
-  from mmar_jax.train import flops as flops_lib
-  from mmar_jax.train.checkpoint import Checkpointer
-  from mmar_jax.train.metrics import MetricsWriter, environment, peak_flops
-  from mmar_jax.train.step import abstract_train_state, init_state, make_train_step
-
   wd = epath.Path(workdir)
   wd.mkdir(parents=True, exist_ok=True)
   _refuse_cpu_mesh(config)
-  from mmar_jax.data import token_stats
   token_stats.fill_config(config)  # a new run with model.image.norm=data
   tokenizer, mcfg, tr = setup(config, workdir)
   if jax.process_index() == 0:
@@ -120,7 +123,6 @@ def _train(config, workdir, preempt, stop_at, progress):
   step_fn = make_train_step(tr)
   probe, every = None, int(config.train.precision_every)
   if every > 0:  # the head's bf16-vs-fp32 error by timestep bucket (train/precision.py)
-    from mmar_jax.train.precision import make_precision_probe
     probe = make_precision_probe(tr)
   writer = MetricsWriter(wd)
   flops_per_step = flops_lib.train_step_flops(mcfg, config)
@@ -190,7 +192,6 @@ def _train(config, workdir, preempt, stop_at, progress):
 def _compiled(step_fn, tr, state, batch):
   """The train step compiled ahead of its first call, on every process before any of them runs
   it (a collective's peers must join it together; see distributed.barrier)."""
-  from mmar_jax.parallel import distributed, sharding
   with jax.set_mesh(tr.mesh), sharding.use_rules(tr.config.sharding_rules):
     compiled = step_fn.jitted.lower(state, batch).compile()
   distributed.barrier("mmar_train_step_compiled")
@@ -200,7 +201,6 @@ def _compiled(step_fn, tr, state, batch):
 def _progress(total, start, enabled):
   if not enabled:
     return None
-  from tqdm import tqdm
   return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
               mininterval=1.0)
 
@@ -208,7 +208,6 @@ def _progress(total, start, enabled):
 def _refuse_cpu_mesh(config):
   """A multi-device mesh on a CPU backend means jax[tpu]/jax[cuda] is missing, unless simulated
   devices were asked for (XLA_FLAGS device count)."""
-  import os
   if jax.default_backend() == "cpu" and jax.device_count() > 1:
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
       raise config_lib.ConfigError("several CPU devices without --cpu-devices: is the accelerator "
@@ -217,5 +216,4 @@ def _refuse_cpu_mesh(config):
 
 def load_pretrained(config, tr, state):
   """`init.backbone` / `init.vae` / `init.head` into the freshly initialised state."""
-  from mmar_jax.train import init_from
   return init_from.apply(config, tr, state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import os
 import platform
@@ -39,7 +40,6 @@ def peak_flops(device=None, override: float | None = None) -> float | None:
 
 def environment() -> dict:
   """What env.json records: versions, git commit, devices, backend, XLA_FLAGS."""
-  import importlib.metadata as md
   versions = {}
   for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "ml-collections"):
     try:
@@ -67,7 +67,7 @@ class MetricsWriter:
     self.tb = None
     if self.enabled:
       try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # lazy: only when TensorBoard logging is on
         self.tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
       except ImportError:  # optional on machines without tensorboardX (e.g. the GPU image)
         self.tb = None

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmar_jax.data.pipeline import generation_samples
 from mmar_jax.models.mmar import MMAR, MMARConfig, combine, step_draws

@@ -13,7 +13,11 @@ import ml_collections
 from etils import epath
 
 from mmar_jax import config as config_lib
+from mmar_jax.data.text_tokenizer import load_text_tokenizer
 from mmar_jax.defaults import base_config
+from mmar_jax.models.mmar import model_config
+from mmar_jax.parallel.mesh import make_mesh
+from mmar_jax.train.step import build
 
 # Keys whose change alters parameter shapes: refused on resume.
 SHAPE_KEYS = ("model.backbone.", "model.vit.", "model.head.width", "model.head.depth",
@@ -70,8 +74,6 @@ def _check_shapes(old: dict, new: dict, what: str):
 
 def model_setup(config, workdir):
   """(text tokenizer, MMARConfig) of a run: the workdir's tokenizer copy, else the config's."""
-  from mmar_jax.data.text_tokenizer import load_text_tokenizer
-  from mmar_jax.models.mmar import model_config
   tok_dir = epath.Path(workdir) / "tokenizer"
   tokenizer = load_text_tokenizer(str(tok_dir) if tok_dir.exists() else config.text_tokenizer)
   return tokenizer, model_config(config, tokenizer)
@@ -79,7 +81,5 @@ def model_setup(config, workdir):
 
 def setup(config, workdir):
   """Tokenizer, model config and trainer (on the config's mesh) of a run."""
-  from mmar_jax.parallel.mesh import make_mesh
-  from mmar_jax.train.step import build
   tokenizer, mcfg = model_setup(config, workdir)
   return tokenizer, mcfg, build(config, mcfg, make_mesh(config.mesh, config.mesh_dcn))
