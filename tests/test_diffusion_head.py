@@ -226,7 +226,7 @@ def test_cli_mar_checkpoint_round_trip_and_prediction_guard(tmp_path, mar_state_
   # MAR checkpoint -> JAX (model_ema by default), and back to MAR's layout bit for bit.
   d1, f1 = str(tmp_path / "head_eps"), str(tmp_path / "head_eps.safetensors")
   assert main(["convert", "mar-head", "--src", ckpt, "--out", d1]) == 0
-  assert "ignored 2 non-head keys" in capsys.readouterr().out
+  assert "ignored 2 non-head keys" in capsys.readouterr().err
   cfg = json.load(open(os.path.join(d1, "head_config.json")))
   assert cfg["prediction"] == "eps" and cfg["learn_sigma"] and cfg["n_positions"] == 4
   assert main(["convert", "jax-to-mar-head", "--ckpt", d1, "--out", f1]) == 0

@@ -32,7 +32,7 @@ def source_ema(straight):
 @pytest.fixture(scope="module")
 def exported(straight, tmp_path_factory):
   """fp32 EMA export, sharded (so the import reads an index and several files)."""
-  from mmar_jax.commands.export import workdir_to_safetensors
+  from mmar_jax.commands.convert import workdir_to_safetensors
   out = str(tmp_path_factory.mktemp("st") / "export")
   files, _ = workdir_to_safetensors(straight, out, max_shard_size="100KB")
   assert "model.safetensors.index.json" in files
@@ -80,7 +80,7 @@ def _edited_export(exported, dst, edit) -> str:
 def test_export_import_export_is_bit_identical(straight, exported, imported, tmp_path):
   """fp32: the second export equals the first bit for bit; bf16: a bf16 export read back (cast up
   to fp32, exactly) and exported as bf16 again is the same file content."""
-  from mmar_jax.commands.export import workdir_to_safetensors
+  from mmar_jax.commands.convert import workdir_to_safetensors
   from mmar_jax.commands.safetensors_to_jax import safetensors_to_workdir
   workdir_to_safetensors(imported, str(tmp_path / "again"))
   _assert_bit_identical(_tensors(exported), _tensors(tmp_path / "again"))

@@ -44,7 +44,7 @@ def test_torch_parity_fails_when_broken(reference, perturb):
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-  from mmar_jax.commands.export import workdir_to_safetensors
+  from mmar_jax.commands.convert import workdir_to_safetensors
   run = straight_run(tmp_path_factory)
   out = str(tmp_path_factory.mktemp("torch") / "export")
   workdir_to_safetensors(run, out, max_shard_size="200KB")

@@ -43,7 +43,7 @@ def _benchmark(tmp_path):
 def test_scores_against_the_pytorch_likelihood(tmp_path_factory, tmp_path):
   import torch
 
-  from mmar_jax.commands.export import workdir_to_safetensors
+  from mmar_jax.commands.convert import workdir_to_safetensors
   from mmar_jax.pytorch import MMAR as TorchMMAR
   from mmar_jax.run import Run
   wd = straight_run(tmp_path_factory)

@@ -13,14 +13,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
 import time
 
 import jax
 import numpy as np
 from etils import epath
 
-from mmar_jax.errors import ConfigError, InputError
+from mmar_jax.errors import InputError
 from mmar_jax.files import jsonl_records, write_bytes_atomic
 from mmar_jax.sample.io import load_image
 from mmar_jax.sample.text import caption_images

@@ -33,7 +33,7 @@ from mmar_jax import trees
 from mmar_jax.convert import safetensors_io as sio
 from mmar_jax.dtypes import get_dtype
 from mmar_jax.errors import ConversionError
-from mmar_jax.files import atomic_output, load_params, read_json, save_params, write_json
+from mmar_jax.files import atomic_output, read_json, save_params, write_json
 from mmar_jax.models.qwen2 import Qwen2, Qwen2Config
 
 ARCHITECTURE = "Qwen2ForCausalLM"
@@ -64,7 +64,7 @@ LAYER_MAP = {
 EMBED, NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 
 _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-_CLI_DTYPES = {"bf16": "bfloat16", "fp32": "float32", "bfloat16": "bfloat16", "float32": "float32",
+CLI_DTYPES = {"bf16": "bfloat16", "fp32": "float32", "bfloat16": "bfloat16", "float32": "float32",
                "fp16": "float16", "float16": "float16"}
 
 
@@ -395,7 +395,7 @@ def _to_numpy(x) -> np.ndarray:
 def _resolve_dtype(dtype, flat) -> np.dtype:
   if dtype is None:
     return np.dtype(flat[("embed_tokens",)].dtype)
-  name = _CLI_DTYPES.get(str(dtype), dtype)
+  name = CLI_DTYPES.get(str(dtype), dtype)
   try:
     return np.dtype(get_dtype(name))
   except (ValueError, TypeError):
@@ -447,30 +447,8 @@ def jax_to_hf(params: dict, model_cfg: Qwen2Config, out: str, dtype=None, max_sh
 # -- command line -----------------------------------------------------------------------------------
 
 
-def _count(cfg: Qwen2Config) -> int:
+def param_count(cfg: Qwen2Config) -> int:
   return sum(int(np.prod(a.shape)) for a in trees.flatten(abstract_params(cfg)).values())
-
-
-def cli_hf_to_jax(args) -> int:
-  print(f"converting {args.hf} -> {args.out}", flush=True)
-  cfg = hf_to_jax(args.hf, args.out, overwrite=args.overwrite, progress=True)
-  print(f"wrote {args.out}: {_count(cfg) / 1e6:.1f}M params ({cfg.param_dtype}), {cfg.num_layers} layers, "
-        f"{'tied' if cfg.tie_word_embeddings else 'untied'} embeddings", flush=True)
-  return 0
-
-
-def cli_jax_to_hf(args) -> int:
-  if getattr(args, "step", None) is not None:
-    raise ConversionError("--step applies to --workdir only; a --ckpt directory holds one set of params")
-  cfg, source = read_model_config(args.ckpt)
-  print(f"converting {args.ckpt} -> {args.out}", flush=True)
-  params = load_params(args.ckpt)
-  tok = os.path.join(args.ckpt, TOKENIZER_DIR)
-  files = jax_to_hf(params, cfg, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                    tokenizer_dir=tok if os.path.isdir(tok) else None, overwrite=args.overwrite,
-                    extra_config=carried_config(source.get("hf_config")), progress=True)
-  print(f"wrote {args.out}: {', '.join(files)}", flush=True)
-  return 0
 
 
 def qwen2_from_params(cfg: Qwen2Config, params: dict):

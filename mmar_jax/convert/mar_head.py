@@ -22,10 +22,7 @@ import numpy as np
 
 from mmar_jax import trees
 from mmar_jax.convert import safetensors_io
-from mmar_jax.convert.common import load_state_dict
-from mmar_jax.diffusion.parameterization import PREDICTIONS
 from mmar_jax.errors import ConversionError
-from mmar_jax.files import atomic_output, load_params, read_json, save_params, write_json
 from mmar_jax.models.diffusion_head import HeadConfig, abstract_params
 
 PREFIXES = ("diffloss.net.", "net.")
@@ -49,7 +46,7 @@ PER_BLOCK = {
 _BLOCK_RE = re.compile(r"res_blocks\.(\d+)\.(.+)")
 
 
-def _head_keys(state_dict: dict) -> tuple[dict, list[str]]:
+def head_keys(state_dict: dict) -> tuple[dict, list[str]]:
   """({name without prefix: array}, ignored keys). Refuses two different prefixes at once."""
   head, ignored, seen = {}, [], set()
   for key, value in state_dict.items():
@@ -114,7 +111,7 @@ def mar_head_to_jax(state_dict: dict, prediction: str = "eps",
 
   `pos_embed=False` leaves out MAR's `diffusion_pos_embed_learned` even when present.
   """
-  head, _ = _head_keys(state_dict)
+  head, _ = head_keys(state_dict)
   pos = np.asarray(state_dict[POS_EMBED_KEY]) if pos_embed and POS_EMBED_KEY in state_dict else None
   if pos is not None:
     if pos.ndim == 3 and pos.shape[0] == 1:
@@ -204,50 +201,3 @@ def read_prediction_metadata(path: str) -> str | None:
   if not path.endswith(".safetensors"):
     return None
   return safetensors_io.read_metadata(path).get("prediction")
-
-
-def cli_mar_head(args) -> int:
-  is_st = args.src.endswith(".safetensors")
-  state_dict = load_state_dict(args.src, None if is_st else args.key)
-  prediction = args.prediction
-  source = "--prediction"
-  if prediction is None:
-    prediction = read_prediction_metadata(args.src) if is_st else None
-    source = "file metadata"
-    if prediction is None:
-      prediction, source = "eps", "default (MAR heads predict eps)"
-  if prediction not in PREDICTIONS:
-    raise ConversionError(f"{args.src}: prediction {prediction!r} in metadata; expected one of "
-                          f"{PREDICTIONS}")
-  cfg, params = mar_head_to_jax(state_dict, prediction)
-  _, ignored = _head_keys(state_dict)
-  with atomic_output(args.out, overwrite=args.overwrite) as tmp:
-    save_params(tmp, params)
-    write_json(tmp, "head_config.json", cfg.to_dict())
-  print(f"mar-head: width {cfg.width}, depth {cfg.depth}, condition {cfg.cond_dim}, "
-        f"{cfg.out_channels} output channels "
-        f"({'learned' if cfg.learn_sigma else 'fixed'} variance), "
-        f"prediction {prediction} [{source}]"
-        + (f", position embedding [{cfg.n_positions}, {cfg.cond_dim}]" if cfg.n_positions else "")
-        + f"; ignored {len(ignored)} non-head keys -> {args.out}")
-  return 0
-
-
-def cli_jax_to_mar_head(args) -> int:
-  if not args.out.endswith(".safetensors"):
-    raise ConversionError(f"--out must be a .safetensors file, got {args.out}")
-  try:
-    cfg = HeadConfig.from_dict(read_json(args.ckpt, "head_config.json"))
-  except ValueError as e:
-    raise ConversionError(f"{args.ckpt}/head_config.json: {e}") from e
-  if cfg.prediction != "eps" and not args.force:
-    raise ConversionError(
-        f"this head predicts {cfg.prediction!r}; MAR's sampler reads a head's output as eps, so "
-        f"it would sample garbage. Pass --force to write it anyway (the metadata keeps "
-        f"prediction={cfg.prediction})")
-  params = load_params(args.ckpt)
-  tensors = jax_to_mar_head(cfg, params)
-  with atomic_output(args.out, overwrite=args.overwrite, is_dir=False) as tmp:
-    safetensors_io.save_file(tmp, tensors, {"prediction": cfg.prediction})
-  print(f"jax-to-mar-head: {len(tensors)} tensors, prediction {cfg.prediction} -> {args.out}")
-  return 0

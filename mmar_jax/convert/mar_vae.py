@@ -13,16 +13,11 @@ elsewhere (MAR's `loss.*` discriminator and LPIPS weights, ...) are ignored and 
 from __future__ import annotations
 
 import re
-import sys
 
-import jax
 import numpy as np
 from flax.nnx import traversals
 
-from mmar_jax.convert import safetensors_io
-from mmar_jax.convert.common import load_state_dict
 from mmar_jax.errors import ConversionError
-from mmar_jax.files import atomic_output, load_params, read_json, save_params, write_json
 from mmar_jax.models.vae import VAEConfig, param_paths
 
 PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
@@ -124,7 +119,7 @@ def mar_vae_to_jax(state_dict: dict) -> tuple:
     value = _to_jax(path, sd[name])
     if value.shape != tuple(expected[path].shape):
       raise ConversionError(f"{name}: shape {sd[name].shape} does not fit the architecture "
-                            f"inferred from the checkpoint ({_describe(cfg)})")
+                            f"inferred from the checkpoint ({describe(cfg)})")
     node = params
     for part in path[:-1]:
       node = node.setdefault(part, {})
@@ -153,40 +148,6 @@ def jax_to_mar_vae(cfg, params: dict) -> dict[str, np.ndarray]:
   return out
 
 
-def _describe(cfg) -> str:
+def describe(cfg) -> str:
   return (f"ch={cfg.ch}, ch_mult={cfg.ch_mult}, num_res_blocks={cfg.num_res_blocks}, "
           f"embed_dim={cfg.embed_dim}, z_channels={cfg.z_channels}")
-
-
-# -- command line -----------------------------------------------------------------------------------
-
-
-def cli_mar_vae(args) -> int:
-  """`convert mar-vae --src FILE --out DIR`: writes DIR/params/ and DIR/vae_config.json."""
-  sd = load_state_dict(args.src)
-  skipped = ignored_keys(sd)
-  cfg, params = mar_vae_to_jax(sd)
-  with atomic_output(args.out, overwrite=args.overwrite) as tmp:
-    save_params(tmp, params)
-    write_json(tmp, CONFIG_FILE, cfg.to_dict())
-  n = sum(1 for k in sd if _is_vae_key(k))
-  print(f"mar-vae: {n} tensors ({_describe(cfg)}) -> {args.out}; ignored {len(skipped)} keys "
-        f"outside {'/'.join(p.rstrip('.') for p in PREFIXES)}"
-        + (f" (e.g. {skipped[0]})" if skipped else ""), file=sys.stderr)
-  return 0
-
-
-def cli_jax_to_mar_vae(args) -> int:
-  """`convert jax-to-mar-vae --ckpt DIR --out FILE.safetensors`: MAR layout, fp32 as stored."""
-  if not args.out.endswith(".safetensors"):
-    raise ConversionError(f"--out {args.out}: expected a .safetensors file name")
-  try:
-    cfg = read_json(args.ckpt, CONFIG_FILE)
-    params = load_params(args.ckpt)
-  except FileNotFoundError as e:
-    raise ConversionError(f"--ckpt {args.ckpt}: not a `convert mar-vae` output ({e})") from e
-  sd = jax_to_mar_vae(cfg, jax.tree.map(np.asarray, params))
-  with atomic_output(args.out, overwrite=args.overwrite, is_dir=False) as tmp:
-    safetensors_io.save_file(tmp, sd, {"format": "pt"})
-  print(f"jax-to-mar-vae: {len(sd)} tensors -> {args.out}", file=sys.stderr)
-  return 0
