@@ -111,9 +111,10 @@ def test_left_padded_prefixes_match_training_layout(per_token):
   lt, n, boi, eoi, pad = 5, 3, 100, 101, 0
   text = jnp.asarray(np.arange(2 * lt).reshape(2, lt) + 10, jnp.int32)
   text_len = jnp.asarray([3, 0], jnp.int32)
-  ids, pos, seg, blk = gen.prefix_inputs(text, text_len, boi, pad)
-  img_pos, _, img_blk = gen.image_ids(text_len, n, per_token)
-  c_ids, c_pos, c_seg, c_blk, _ = txt.caption_prefix(text, text_len, n, boi, eoi, pad, per_token)
+  ids, pos, seg, blk = sequence.generation_prefix(text, text_len, boi, pad)
+  img_pos, _, img_blk = sequence.image_block(text_len, n, per_token)
+  c_ids, c_pos, c_seg, c_blk, _ = sequence.caption_prefix(text, text_len, n, boi, eoi, pad,
+                                                          per_token)
 
   def layout(kind):
     lay = sequence.layout(jnp.full((2,), kind), text_len, lt, n, per_token_positions=per_token)
@@ -121,6 +122,15 @@ def test_left_padded_prefixes_match_training_layout(per_token):
     return [np.asarray(a) for a in (ids, lay["positions"], lay["block_ids"])]
 
   t2i, i2t = layout(sequence.TEXT_TO_IMAGE), layout(sequence.IMAGE_TO_TEXT)
+  # method.md §1.7 by hand, for 3 text tokens and N = 3: one block per text token, <boi> and
+  # <eoi>, one for the image; positions are the blocks, or the sequence index per token.
+  want_t2i = [0, 1, 2, 3, 4, 4, 4, 5]  # t t t <boi> i i i <eoi>
+  want_i2t = [0, 1, 1, 1, 2, 3, 4, 5]  # <boi> i i i <eoi> t t t
+  per_token_pos = list(range(8))
+  np.testing.assert_array_equal(t2i[2][0, :8], want_t2i)
+  np.testing.assert_array_equal(i2t[2][0, :8], want_i2t)
+  np.testing.assert_array_equal(t2i[1][0, :8], per_token_pos if per_token else want_t2i)
+  np.testing.assert_array_equal(i2t[1][0, :8], per_token_pos if per_token else want_i2t)
   for b, t in enumerate(np.asarray(text_len)):
     # Generation: [text] <boi> in the cache, then the image block.
     np.testing.assert_array_equal(_unpadded(ids[b], seg[b]), t2i[0][b, :t + 1])

@@ -5,7 +5,12 @@
   kind 2  <boi> [img] <eoi>                 P(I)   (also a [text][img] sample whose caption was
                                                     dropped for guidance: its text is empty)
 
-Every sample is laid out in the same slot space -- Lt text slots, <boi>, N image slots, <eoi> --
+This module owns every layout of the model's sequence: the training batch (`layout`), the
+sampler's left-padded `[text] <boi>` prefix and the image block after it (`generation_prefix`,
+`image_block`), and the captioner's `<boi> [img] <eoi> [question]` prefix (`caption_prefix`). All
+of them take block ids and RoPE positions from one rule, `block_and_position`.
+
+Every training sample is laid out in the same slot space -- Lt text slots, <boi>, N image slots, <eoi> --
 and a per-sample permutation of S = Lt + N + 2 slots places them in sequence order, unused text
 slots last (padding). One gather builds the batch; everything is static-shaped.
 
@@ -21,6 +26,16 @@ import jax.numpy as jnp
 
 TEXT_TO_IMAGE, IMAGE_TO_TEXT, IMAGE_ONLY = 0, 1, 2
 IMAGE_TOKEN = -1  # token id placeholder at image positions
+
+
+def block_and_position(index: jax.Array, image_start: jax.Array, n: int, per_token: bool):
+  """Block id and RoPE position of the token at unpadded sequence index `index` of a sequence
+  whose N image tokens start at `image_start` (method.md §1.7): one block per text, <boi> and
+  <eoi> token, one shared block for the image; the positions are the block ids, or with per-token
+  positions the index itself."""
+  block = jnp.where(index < image_start, index,
+                    jnp.where(index < image_start + n, image_start, index - n + 1))
+  return block, (index if per_token else block)
 
 
 def layout(kind: jax.Array, text_len: jax.Array, max_text: int, num_image: int,
@@ -51,23 +66,54 @@ def layout(kind: jax.Array, text_len: jax.Array, max_text: int, num_image: int,
   order = jnp.zeros((b, s), jnp.int32).at[jnp.arange(b)[:, None], slot_seq].set(
       jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)))
 
-  # Block ids and positions in slot space; an image counts as one step (or N with per-token).
-  boi_blk = jnp.where(text_first, t, 0)
-  text_blk = jnp.where(text_first, j, 3 + j)
-  img_blk = jnp.broadcast_to(boi_blk + 1, (b, n))
-  eoi_blk = boi_blk + 2
-  blocks = jnp.concatenate([text_blk, boi_blk, img_blk, eoi_blk], axis=1)
-  if per_token_positions:
-    img_pos = boi_blk + 1 + jnp.arange(n)[None, :]
-    eoi_pos = boi_blk + n + 1
-    text_pos = jnp.where(text_first, j, n + 2 + j)
-    positions = jnp.concatenate([text_pos, boi_blk, img_pos, eoi_pos], axis=1)
-  else:
-    positions = blocks
+  blocks, positions = block_and_position(slot_seq, boi_seq + 1, n, per_token_positions)
   seg = jnp.concatenate([real_text, jnp.ones((b, n + 2), bool)], axis=1).astype(jnp.int32)
   gather = lambda x: jnp.take_along_axis(x, order, axis=1)
   return dict(order=order, positions=gather(positions), segment_ids=gather(seg),
               block_ids=gather(blocks), image_pos=img_seq, text_len=text_len)
+
+
+# -- the samplers' prefixes: left-padded, so every row's prefix ends at the same cache slot --------
+
+def generation_prefix(text: jax.Array, text_len: jax.Array, boi_id: int, pad_id: int):
+  """Left-padded `[text] <boi>` over Lt + 1 slots: (ids, positions, segment_ids, block_ids)."""
+  _, lt = text.shape
+  t = text_len.astype(jnp.int32)[:, None]
+  j = jnp.arange(lt + 1)[None, :] - (lt - t)  # index in the unpadded sequence; < 0 is padding
+  real = j >= 0
+  src = jnp.clip(j, 0, lt - 1)
+  ids = jnp.where(j == t, boi_id, jnp.take_along_axis(text, jnp.broadcast_to(src, j.shape), axis=1))
+  ids = jnp.where(real, ids, pad_id).astype(jnp.int32)
+  blocks, positions = block_and_position(jnp.maximum(j, 0), t + 1, 0, False)
+  return ids, positions.astype(jnp.int32), real.astype(jnp.int32), blocks.astype(jnp.int32)
+
+
+def image_block(text_len: jax.Array, n: int, per_token: bool):
+  """(positions, segment_ids, block_ids) [R, N] of the image block after `[text] <boi>`."""
+  start = text_len.astype(jnp.int32)[:, None] + 1
+  blocks, positions = block_and_position(start + jnp.arange(n)[None, :], start, n, per_token)
+  return positions, jnp.ones_like(blocks), blocks
+
+
+def caption_prefix(question: jax.Array, question_len: jax.Array, n: int, boi_id: int, eoi_id: int,
+                   pad_id: int, per_token: bool):
+  """Left-padded `<boi> [img] <eoi> [question]` over Q + N + 2 slots: (ids, positions,
+  segment_ids, block_ids, image_slot [B, N]); the layout of kind 1."""
+  q = question.shape[1]
+  s = q + n + 2
+  ql = question_len.astype(jnp.int32)[:, None]
+  j = jnp.arange(s)[None, :] - (q - ql)  # index in the unpadded sequence; < 0 is padding
+  real = j >= 0
+  txt = j - (n + 2)  # index in the question
+  text_ids = (jnp.take_along_axis(question, jnp.clip(txt, 0, q - 1), axis=1) if q else
+              jnp.zeros_like(j))
+  ids = jnp.where(txt >= 0, text_ids, IMAGE_TOKEN)
+  ids = jnp.where(j == 0, boi_id, jnp.where(j == n + 1, eoi_id, ids))
+  ids = jnp.where(real, ids, pad_id)
+  blocks, positions = block_and_position(jnp.maximum(j, 0), 1, n, per_token)
+  image_slot = (q - ql) + 1 + jnp.arange(n)[None, :]
+  as32 = lambda a: a.astype(jnp.int32)
+  return as32(ids), as32(positions), as32(real), as32(blocks), image_slot
 
 
 def token_ids(text: jax.Array, lay: dict, boi_id: int, eoi_id: int, pad_id: int) -> jax.Array:

@@ -48,6 +48,7 @@ from flax import nnx
 from mmar_jax.data.preprocess import to_uint8
 from mmar_jax.data.text_tokenizer import encode_prompts
 from mmar_jax.diffusion import samplers
+from mmar_jax.models import sequence
 
 CFG_SCHEDULES = ("linear", "constant")
 
@@ -125,29 +126,6 @@ def sample_keys(key: jax.Array, batch: int, n: int) -> tuple[jax.Array, jax.Arra
   return orders.astype(jnp.int32), token_keys
 
 
-# -- sequence pieces -------------------------------------------------------------------------------
-
-def prefix_inputs(text: jax.Array, text_len: jax.Array, boi_id: int, pad_id: int):
-  """Left-padded `[text] <boi>` over Lt + 1 slots: (ids, positions, segment_ids, block_ids)."""
-  _, lt = text.shape
-  t = text_len.astype(jnp.int32)[:, None]
-  j = jnp.arange(lt + 1)[None, :] - (lt - t)  # index in the unpadded sequence; < 0 is padding
-  real = j >= 0
-  src = jnp.clip(j, 0, lt - 1)
-  ids = jnp.where(j == t, boi_id, jnp.take_along_axis(text, jnp.broadcast_to(src, j.shape), axis=1))
-  ids = jnp.where(real, ids, pad_id).astype(jnp.int32)
-  pos = jnp.maximum(j, 0).astype(jnp.int32)
-  return ids, pos, real.astype(jnp.int32), pos
-
-
-def image_ids(text_len: jax.Array, n: int, per_token: bool):
-  """(positions, segment_ids, block_ids) [R, N] of the image block after `[text] <boi>`."""
-  start = text_len.astype(jnp.int32)[:, None] + 1
-  blocks = jnp.broadcast_to(start, (text_len.shape[0], n))
-  positions = start + jnp.arange(n)[None, :] if per_token else blocks
-  return positions, jnp.ones_like(blocks), blocks
-
-
 # -- the program -----------------------------------------------------------------------------------
 
 def split_model(model):
@@ -190,9 +168,9 @@ def _generate(graphdef, state, text, text_len, key, cfg, temperature, *, plan: P
     rows_text, rows_len = text, text_len
   r = rows_text.shape[0]
   cache = model.backbone.init_cache(r, lt + 1 + n)
-  ids, pos, seg, blk = prefix_inputs(rows_text, rows_len, mc.boi_id, mc.pad_id)
+  ids, pos, seg, blk = sequence.generation_prefix(rows_text, rows_len, mc.boi_id, mc.pad_id)
   _, cache = model.backbone(model.backbone.embed(ids), pos, seg, blk, cache=cache, cache_index=0)
-  img_pos, img_seg, img_blk = image_ids(rows_len, n, per_token)
+  img_pos, img_seg, img_blk = sequence.image_block(rows_len, n, per_token)
 
   after_np, _ = mask_schedule(n, plan.ar_steps)
   after = jnp.asarray(after_np)

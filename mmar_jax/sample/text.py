@@ -12,7 +12,7 @@ from flax import nnx
 
 from mmar_jax.data.text_tokenizer import encode_questions
 from mmar_jax.models.qwen2 import text_structure
-from mmar_jax.models.sequence import IMAGE_TOKEN
+from mmar_jax.models import sequence
 from mmar_jax.sample.image import model_config_of, split_model, typed_key
 
 
@@ -80,32 +80,7 @@ def decode(backbone, hidden, cache, positions, blocks, choose, *, max_new: int, 
 # masked) and, with the question, fills the KV cache in one prefix pass; every generated token is
 # then one single-token pass. Rows are LEFT-padded (padding: segment id 0) so that questions of
 # different lengths end at the same cache slot; positions and block ids are those of the training
-# layout of kind 1 (sequence.py): <boi> 0, the image block 1 (or 1..N per token), <eoi>, text.
-
-
-def caption_prefix(question: jax.Array, question_len: jax.Array, n: int, boi_id: int, eoi_id: int,
-                   pad_id: int, per_token: bool):
-  """Ids and structure of the left-padded prefix over Q + N + 2 slots: (ids, positions,
-  segment_ids, block_ids, image_slot [B, N])."""
-  q = question.shape[1]
-  s = q + n + 2
-  ql = question_len.astype(jnp.int32)[:, None]
-  j = jnp.arange(s)[None, :] - (q - ql)  # index in the unpadded sequence; < 0 is padding
-  real = j >= 0
-  txt = j - (n + 2)  # index in the question
-  text_ids = (jnp.take_along_axis(question, jnp.clip(txt, 0, q - 1), axis=1) if q else
-              jnp.zeros_like(j))
-  ids = jnp.where(txt >= 0, text_ids, IMAGE_TOKEN)
-  ids = jnp.where(j == 0, boi_id, jnp.where(j == n + 1, eoi_id, ids))
-  ids = jnp.where(real, ids, pad_id)
-  jj = jnp.maximum(j, 0)
-  # Blocks: <boi> 0, image 1, <eoi> 2, text 3 + i. Positions: the blocks (the image shares one),
-  # or with per-token positions the unpadded index itself (image 1..N, <eoi> N + 1, ...).
-  blocks = jnp.where(jj == 0, 0, jnp.where(jj <= n, 1, jj - n + 1))
-  positions = jj if per_token else blocks
-  image_slot = (q - ql) + 1 + jnp.arange(n)[None, :]
-  as32 = lambda a: a.astype(jnp.int32)
-  return as32(ids), as32(positions), as32(real), as32(blocks), image_slot
+# layout of kind 1 (`sequence.caption_prefix`).
 
 
 def select_tokens(logits: jax.Array, keys: jax.Array | None, top_p=None, vocab: int | None = None):
@@ -144,7 +119,7 @@ def _caption(graphdef, state, images, question, question_len, key, top_p, eos_id
   b = images.shape[0]
   n = mc.num_image_tokens
   emb = model.embed_image(model.encode_tokens(images), jnp.zeros((b, n), bool))
-  ids, pos, seg, blk, image_slot = caption_prefix(
+  ids, pos, seg, blk, image_slot = sequence.caption_prefix(
       question, question_len, n, mc.boi_id, mc.eoi_id, mc.pad_id,
       mc.image["positions"] == "per_token")
   x = model.backbone.embed(jnp.maximum(ids, 0))
