@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 
+from conftest import tiny_config
 from mmar_jax.repro import checks
 
 
-ONE_DEVICE = checks.tiny_config(("mesh", "1,1,1"))  # the check is per mesh: one keeps it cheap
+ONE_DEVICE = tiny_config(("mesh", "1,1,1"))  # the check is per mesh: one keeps it cheap
 
 
 def test_determinism_passes_and_fails_with_another_seed():

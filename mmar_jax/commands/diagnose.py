@@ -62,7 +62,7 @@ from mmar_jax.files import write_bytes_atomic
 from mmar_jax.models import head_precision as hp
 from mmar_jax.models.diffusion_head import DiffusionHead, HeadConfig, forward, head_params
 from mmar_jax.models.image_tokenizer import PatchifyTokenizer
-from mmar_jax.models.mmar import MMARConfig, step_draws
+from mmar_jax.models.mmar import MMARConfig, prepare_step
 from mmar_jax.run import Run
 
 OUTPUTS = ("numerics.json", "numerics_meta.json", "numerics.png")
@@ -182,9 +182,9 @@ def run_pool(workdir, step=None, which="ema", n_tokens=nm.MIN_TOKENS, max_batche
 
   @jax.jit
   def rows_of(params, batch, i):
-    key, ratio = step_draws(EVAL_SEED, i, config.loss.mask_ratio)
     model = tr.model(params)
-    prep = model.prepare(batch, key, ratio, 0.0, 1)
+    prep = prepare_step(model, batch, EVAL_SEED, i, config.loss, caption_drop=0.0,
+                        diffusion_batch_mul=1)
     hidden, _, lay = model.forward(prep)
     return model.head_rows(prep, hidden, lay)
 

@@ -302,6 +302,21 @@ def step_draws(seed: int, step, mask_ratio_kind: str) -> tuple[jax.Array, jax.Ar
   return jax.random.fold_in(key, 1), mask_ratio(jax.random.fold_in(key, 0), mask_ratio_kind)
 
 
+def prepare_step(model: "MMAR", batch: dict, seed: int, step, loss_config, **changes) -> dict:
+  """The prepared batch of training step `step`: its draws (`step_draws`) and the loss settings of
+  `loss_config` (config.loss). Training, the precision probe, the diagnostics and the benchmarks
+  all call this; a diagnostic that must differ says how in `changes` (e.g. caption_drop=0.0).
+  The batch's mask ratio comes back as `mask_ratio` (a scalar beside the per-example arrays)."""
+  key, ratio = step_draws(seed, step, loss_config.mask_ratio)
+  settings = dict(caption_drop=float(loss_config.caption_drop),
+                  diffusion_batch_mul=int(loss_config.diffusion_batch_mul),
+                  t2i_text_weight=float(loss_config.t2i_text_weight))
+  unknown = set(changes) - set(settings)
+  if unknown:
+    raise TypeError(f"prepare_step: unknown settings {sorted(unknown)}; use {sorted(settings)}")
+  return dict(model.prepare(batch, key, ratio, **(settings | changes)), mask_ratio=ratio)
+
+
 def mask_ratio(key: jax.Array, kind: str) -> jax.Array:
   """One ratio per global batch. stage1: MAR's truncated normal (mean 1, std 0.25) on [0.7, 1];
   stage2: uniform on [0, 1]."""

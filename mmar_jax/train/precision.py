@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 
 from mmar_jax.models.head_precision import head_precision_metrics
-from mmar_jax.models.mmar import step_draws
+from mmar_jax.models.mmar import prepare_step
 from mmar_jax.parallel import sharding
 
 
@@ -14,12 +14,10 @@ def make_precision_probe(tr):
   """A jitted (state, batch) -> `head_precision_metrics` of the raw params, on the draws of the
   step that produced `state` (those of step state.step - 1, as `make_train_step` made them)."""
   cfg = tr.config
-  lcfg = cfg.loss
 
   def probe(state, batch):
-    key, ratio = step_draws(cfg.seed, state["step"] - 1, lcfg.mask_ratio)
     model = tr.model(state["params"])
-    prep = model.prepare(batch, key, ratio, lcfg.caption_drop, lcfg.diffusion_batch_mul)
+    prep = prepare_step(model, batch, cfg.seed, state["step"] - 1, cfg.loss)
     hidden, _, lay = model.forward(prep)
     return head_precision_metrics(state["params"]["head"], tr.model_cfg.head,
                                   **model.head_rows(prep, hidden, lay))

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mmar_jax.data.pipeline import generation_samples
-from mmar_jax.models.mmar import MMAR, MMARConfig, combine, step_draws
+from mmar_jax.models.mmar import MMAR, MMARConfig, combine, prepare_step
 from mmar_jax.parallel import sharding
 from mmar_jax.train import optimizer as opt
 
@@ -126,11 +126,9 @@ def make_train_step(tr: Trainer):
 
   def step_fn(state, batch):
     step = state["step"]
-    key, ratio = step_draws(cfg.seed, step, lcfg.mask_ratio)
-    model = tr.model(state["params"])
-    prep = model.prepare(batch, key, ratio, lcfg.caption_drop, lcfg.diffusion_batch_mul,
-                         lcfg.t2i_text_weight)
-    counts = {k: prep.pop(k) for k in ("text_count", "image_count")}
+    prep = prepare_step(tr.model(state["params"]), batch, cfg.seed, step, lcfg)
+    counts = {k: prep.pop(k) for k in ("text_count", "image_count")}  # the batch's scalars
+    ratio = prep.pop("mask_ratio")
 
     def micro_loss(params, micro):
       sums = tr.model(params).loss_sums(micro, **rows)
