@@ -11,14 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT, subprocess_env, tiny_config
 from flax import nnx
 
-from conftest import ROOT, subprocess_env, tiny_config
-from mmar_jax.diffusion import numerics as nm
-from mmar_jax.models import head_precision as hp
+from mmar_jax.diffusion import amplification as ampl
 from mmar_jax.diffusion import schedule as sched_lib
 from mmar_jax.models import diffusion_head as dh
-from mmar_jax.train import precision
+from mmar_jax.train import numerics as nm
 
 SMALL = dh.HeadConfig(token_channels=4, cond_dim=8, width=32, depth=2, compute_dtype="float32")
 
@@ -35,7 +34,7 @@ def _random_params(cfg, seed=0):
 # -- analytic --------------------------------------------------------------------------------------
 
 def test_amplification_values_of_method_md():
-  amp = {p: nm.amplification(p) for p in ("eps", "v", "x0")}
+  amp = {p: ampl.amplification(p) for p in ("eps", "v", "x0")}
   assert amp["eps"][999] == pytest.approx(20291, rel=0.01)
   assert amp["x0"][0] == pytest.approx(155.6, rel=0.01)
   np.testing.assert_allclose(amp["v"], 1.0, atol=1e-12, rtol=0)
@@ -47,12 +46,12 @@ def test_amplification_values_of_method_md():
 
 
 def test_predicted_step_error_orders_as_the_argument():
-  t, eps = nm.predicted_step_error("eps")
-  _, v = nm.predicted_step_error("v")
-  _, x0 = nm.predicted_step_error("x0")
-  assert len(t) == nm.SAMPLE_STEPS and t[0] == 0 and t[-1] == 999
+  t, eps = ampl.predicted_step_error("eps")
+  _, v = ampl.predicted_step_error("v")
+  _, x0 = ampl.predicted_step_error("x0")
+  assert len(t) == ampl.SAMPLE_STEPS and t[0] == 0 and t[-1] == 999
   assert np.all(v <= eps * (1 + 1e-9)) and np.all(v <= x0 * (1 + 1e-9))
-  assert eps[-1] / v[-1] == pytest.approx(nm.amplification("eps")[999], rel=1e-9)
+  assert eps[-1] / v[-1] == pytest.approx(ampl.amplification("eps")[999], rel=1e-9)
 
 
 # -- the precision contract ------------------------------------------------------------------------
@@ -60,7 +59,7 @@ def test_predicted_step_error_orders_as_the_argument():
 @pytest.mark.parametrize("cfg", [SMALL, SMALL.replace(learn_sigma=True, n_positions=4,
                                                       scan_layers=False, prediction="eps")])
 def test_precision_check_passes_for_bf16(cfg):
-  summary = hp.check_precision(cfg)
+  summary = nm.check_precision(cfg)
   assert summary["dot_operand_dtypes"] == ["bfloat16"] and summary["head_output"] == "bfloat16"
   assert summary["loss"] == ["float32"] and summary["reduction_dtypes"] == ["float32"]
   # input_proj, 2 time-MLP, cond_embed, 3 per block (a scan body counts once), 2 final
@@ -80,11 +79,11 @@ def test_precision_check_catches_a_secret_fp32_upcast(monkeypatch):
                                             jnp.zeros((2, 8))), dh.abstract_params(cfg))
   assert out.dtype == jnp.bfloat16  # looks like bf16 from outside
   with pytest.raises(AssertionError, match="silent fp32 upcast"):
-    hp.check_precision(SMALL)
+    nm.check_precision(SMALL)
 
 
 def test_precision_check_catches_an_fp32_loss():
-  summary = dict(hp.precision_summary(SMALL), reduction_dtypes=["bfloat16"])
+  summary = dict(nm.precision_summary(SMALL), reduction_dtypes=["bfloat16"])
   with pytest.raises(AssertionError, match="reduction_dtypes"):
     nm.assert_precision(summary)
 
@@ -99,9 +98,9 @@ def _bucket(step, x0=2e-3, sample=2e-3, head=3e-3, se=1e-5, n=4096):
 
 @pytest.fixture(scope="module")
 def good_result():
-  summary = hp.precision_summary(SMALL)
+  summary = nm.precision_summary(SMALL)
   errs = {"eps": (1e-1, 2e-4, 7e-4), "v": (4e-5, 1e-4, 7.8e-4), "x0": (4e-5, 7e-5, 8.7e-4)}
-  return {p: {"amplification": nm.amplification(p).tolist(), "precision": summary,
+  return {p: {"amplification": ampl.amplification(p).tolist(), "precision": summary,
               "buckets": {b: _bucket(e) for b, e in zip(nm.BUCKETS, errs[p])}}
           for p in ("eps", "v", "x0")}
 
@@ -149,10 +148,10 @@ def test_measure_head_small():
   params = _random_params(cfg)
   x0 = jax.random.normal(jax.random.key(0), (64, 4))
   z = jax.random.normal(jax.random.key(1), (64, 8))
-  inputs = hp.bucket_inputs(jax.random.key(2), "t<=100", x0, z, n=256)
-  kept = sched_lib.respaced_timesteps(nm.SAMPLE_STEPS)
+  inputs = nm.bucket_inputs(jax.random.key(2), "t<=100", x0, z, n=256)
+  kept = sched_lib.respaced_timesteps(ampl.SAMPLE_STEPS)
   assert set(np.asarray(inputs["t"]).tolist()) <= set(kept[kept <= 100].tolist())
-  res = hp.measure_bucket(params, cfg, inputs, with_sample=True)
+  res = nm.measure_bucket(params, cfg, inputs, with_sample=True)
   assert res["n_tokens"] == 256
   for m in nm.METRICS:
     assert np.isfinite(res[m]) and np.isfinite(res["stderr"][m])
@@ -181,7 +180,7 @@ def test_head_precision_metrics_by_bucket():
   z = jax.random.normal(jax.random.key(1), (m, 8))
   noise = jax.random.normal(jax.random.key(2), (m, 4))
   mask = jnp.ones((m,)).at[:m // 3].set(0.0)  # the high-noise rows are unmasked: ignored
-  out = jax.jit(lambda p, *a: hp.head_precision_metrics(p, cfg, *a))(params, x0, z, t, noise, mask)
+  out = jax.jit(lambda p, *a: nm.head_precision_metrics(p, cfg, *a))(params, x0, z, t, noise, mask)
   out = jax.device_get(out)
   assert set(out) == {f"bf16/{k}_{b}" for k in ("head_rel_rms", "loss_rel_err", "rows")
                       for b in ("high", "mid", "low")}
@@ -205,7 +204,7 @@ def test_precision_probe_on_the_tiny_model(tiny_mcfg, demo_batcher):
   state["params"]["head"] = jax.tree.map(
       lambda a: a + 0.05 * jax.random.normal(jax.random.key(a.size), a.shape, a.dtype), head)
   state["step"] = state["step"] + 1
-  out = jax.device_get(precision.make_precision_probe(tr)(state, global_batch(demo_batcher, 0,
+  out = jax.device_get(nm.make_precision_probe(tr)(state, global_batch(demo_batcher, 0,
                                                                         tr.batch_sharding)))
   rows = sum(out[f"bf16/rows_{b}"] for b in ("high", "mid", "low"))
   assert rows > 0 and all(np.isfinite(v) for v in out.values())

@@ -55,15 +55,15 @@ from flax import nnx
 from mmar_jax.data.pipeline import global_batch, make_batcher
 from mmar_jax.data.shapes import ShapesDataset, ShapesSpec
 from mmar_jax.data.sources import make_source
-from mmar_jax.diffusion import numerics as nm
+from mmar_jax.diffusion import amplification as ampl
 from mmar_jax.diffusion import parameterization as par
 from mmar_jax.errors import ConfigError
 from mmar_jax.files import write_bytes_atomic
-from mmar_jax.models import head_precision as hp
 from mmar_jax.models.diffusion_head import DiffusionHead, HeadConfig, forward, head_params
 from mmar_jax.models.image_tokenizer import PatchifyTokenizer
 from mmar_jax.models.mmar import MMARConfig, prepare_step
 from mmar_jax.run import Run
+from mmar_jax.train import numerics as nm
 
 OUTPUTS = ("numerics.json", "numerics_meta.json", "numerics.png")
 EVAL_SEED = 1234  # the bucket draws: the same for every head
@@ -223,12 +223,12 @@ def run_numerics(workdir=None, fast: bool = False, out=None, *, step=None, param
   _refuse_existing(out, overwrite)
   t0 = time.perf_counter()
   head_cfg = run_head_cfg(workdir) if workdir else setup.head_cfg("v")
-  result = {p: {"amplification": nm.amplification(p).tolist(), "buckets": None,
-                "precision": hp.precision_summary(head_cfg.replace(prediction=p))}
+  result = {p: {"amplification": ampl.amplification(p).tolist(), "buckets": None,
+                "precision": nm.precision_summary(head_cfg.replace(prediction=p))}
             for p in par.PREDICTIONS}
   meta = dict(mode="fast" if fast else ("workdir" if workdir else "demo"),
               tokens_per_bucket=n_tokens,
-              buckets={k: list(v) for k, v in nm.BUCKETS.items()}, sample_steps=nm.SAMPLE_STEPS,
+              buckets={k: list(v) for k, v in nm.BUCKETS.items()}, sample_steps=ampl.SAMPLE_STEPS,
               sampler="ddim (eta 0)", backend=jax.default_backend())
   if not fast and workdir:
     _measure_run(result, meta, workdir, step, params, n_tokens, overrides, log)
@@ -260,7 +260,7 @@ def _measure_demo(result, meta, setup, n_tokens, log):
     meta["demo"]["train_loss"][p] = loss
     meta["demo"]["train_s"][p] = round(time.perf_counter() - t1, 1)
     log(f"measuring the {p} head, bf16 vs fp32 ({n_tokens} tokens per bucket)")
-    result[p]["buckets"] = hp.measure_head(params, setup.head_cfg(p), x0_pool, z_pool, key,
+    result[p]["buckets"] = nm.measure_head(params, setup.head_cfg(p), x0_pool, z_pool, key,
                                            n_tokens)
   meta["measure_s"] = round(time.perf_counter() - t0, 1)
 
@@ -273,7 +273,7 @@ def _measure_run(result, meta, workdir, step, which, n_tokens, overrides, log):
   meta["run"] = dict(info, prediction=head_cfg.prediction)
   log(f"measuring the run's {head_cfg.prediction} head, bf16 vs fp32 ({n_tokens} tokens per "
       "bucket)")
-  result[head_cfg.prediction]["buckets"] = hp.measure_head(
+  result[head_cfg.prediction]["buckets"] = nm.measure_head(
       head_params, head_cfg, x0, z, jax.random.key(EVAL_SEED), n_tokens, positions)
   meta["measure_s"] = round(time.perf_counter() - t0, 1)
 
@@ -340,7 +340,7 @@ def plot_png(result: dict) -> bytes:
   t = np.arange(len(result["v"]["amplification"]))
   for p in par.PREDICTIONS:
     ax_amp.plot(t, result[p]["amplification"], color=colours[p], label=p)
-    kept, pred = nm.predicted_step_error(p)
+    kept, pred = ampl.predicted_step_error(p)
     ax_err.plot(kept, pred, color=colours[p], alpha=0.6, label=f"{p}: predicted")
     _plot_measured(ax_err, result[p]["buckets"], colours[p], p)
   ax_amp.set(yscale="log", xlabel="t", ylabel="amplification",

@@ -30,7 +30,6 @@ from mmar_jax.convert.hf import hf_to_jax, jax_to_hf, read_model_config
 from mmar_jax.data.pipeline import Batcher
 from mmar_jax.data.sources import make_source
 from mmar_jax.data.text_tokenizer import load_text_tokenizer
-from mmar_jax.diffusion import numerics
 from mmar_jax.files import load_params
 from mmar_jax.models.diffusion_head import DiffusionHead, HeadConfig
 from mmar_jax.models.mmar import model_config
@@ -39,6 +38,7 @@ from mmar_jax.models.vae import VAE, VAEConfig
 from mmar_jax.parallel.mesh import make_mesh
 from mmar_jax.repro import hf_parity, torch_parity
 from mmar_jax.sample.image import generate_images
+from mmar_jax.train import numerics
 from mmar_jax.train.checkpoint import Checkpointer, checkpoint_steps
 from mmar_jax.train.metrics import environment, read_metrics
 from mmar_jax.train.step import abstract_train_state, build, init_state, make_train_step

@@ -11,8 +11,8 @@ import numpy as np
 from flax import nnx
 
 from mmar_jax.data.text_tokenizer import encode_questions
-from mmar_jax.models.qwen2 import text_structure
 from mmar_jax.models import sequence
+from mmar_jax.models.qwen2 import text_structure
 from mmar_jax.sample.image import model_config_of, split_model, typed_key
 
 

@@ -35,7 +35,7 @@ from mmar_jax.train import flops as flops_lib
 from mmar_jax.train import init_from
 from mmar_jax.train.checkpoint import Checkpointer
 from mmar_jax.train.metrics import MetricsWriter, environment, peak_flops
-from mmar_jax.train.precision import make_precision_probe
+from mmar_jax.train.numerics import make_precision_probe
 from mmar_jax.train.step import abstract_train_state, init_state, make_train_step
 from mmar_jax.train.workdir import setup
 
@@ -122,7 +122,7 @@ def _train(config, workdir, preempt, stop_at, progress):
   put = lambda local: to_global(local, tr.batch_sharding, batch_size)
   step_fn = make_train_step(tr)
   probe, every = None, int(config.train.precision_every)
-  if every > 0:  # the head's bf16-vs-fp32 error by timestep bucket (train/precision.py)
+  if every > 0:  # the head's bf16-vs-fp32 error by timestep bucket (train/numerics.py)
     probe = make_precision_probe(tr)
   writer = MetricsWriter(wd)
   flops_per_step = flops_lib.train_step_flops(mcfg, config)
