@@ -11,6 +11,8 @@ from mmar_jax.diffusion import parameterization as par
 from mmar_jax.diffusion import samplers
 from mmar_jax.diffusion import schedule as sched_lib
 
+_BASE = sched_lib.base_schedule()  # float64 alpha_t, sigma_t by original timestep
+
 C = 4  # token channels: one tiny shape family for the whole file
 N = 6
 
@@ -67,7 +69,7 @@ def test_conversions_invert_each_other_at_every_t():
   np.testing.assert_allclose(out["x0_from_v"], x0, atol=4e-6)
   np.testing.assert_allclose(out["eps_from_v"], eps, atol=4e-6)
   # x0 <-> eps amplify rounding by 1/alpha_t (eps-pred) or 1/sigma_t (x0-pred).
-  alpha, sigma = sched_lib.ALPHA[:, None], sched_lib.SIGMA[:, None]
+  alpha, sigma = _BASE.alpha[:, None], _BASE.sigma[:, None]
   for p in par.PREDICTIONS:
     x0_hat, eps_hat = out[p]
     tol = 4e-6 * {"v": 1.0, "eps": 1 / alpha, "x0": 1 / sigma}[p]
@@ -107,7 +109,7 @@ def test_loss_matches_numpy():
       for p in par.PREDICTIONS})(x0, z, mask, t, noise)
   # NumPy, float64: MAR's tiling (row d*N + r is draw d of token r), mean over channels.
   nn = noise.astype(np.float64)
-  a, s = sched_lib.ALPHA[t][:, None], sched_lib.SIGMA[t][:, None]
+  a, s = _BASE.alpha[t][:, None], _BASE.sigma[t][:, None]
   x0r, zr, wr = np.tile(x0, (mul, 1)), np.tile(z, (mul, 1)), np.tile(mask, mul)
   xt = a * x0r + s * nn
   for prediction, (total, count) in losses.items():
@@ -286,9 +288,27 @@ def test_guide_is_mar_formula_and_keeps_conditional_variance():
   np.testing.assert_array_equal(g[:, C:], cond[:, C:])
 
 
+def step_between(t: int, t_prev: int, num_timesteps: int = sched_lib.NUM_TIMESTEPS):
+  """Constants of one reverse step between any two original timesteps (t_prev = -1: to x0), from
+  fp64 by the textbook formulas: the reference the samplers' steps are checked against."""
+  base = sched_lib.base_schedule(num_timesteps)
+  abar = base.alphas_cumprod[t]
+  abar_prev = 1.0 if t_prev < 0 else base.alphas_cumprod[t_prev]
+  beta = 1.0 - abar / abar_prev
+  post_var = beta * (1.0 - abar_prev) / (1.0 - abar)
+  f = lambda a: jnp.asarray(a, jnp.float32)
+  return samplers.StepCoefs(
+      t=jnp.asarray(t, jnp.int32), alpha=f(np.sqrt(abar)), sigma=f(np.sqrt(1 - abar)),
+      alpha_prev=f(np.sqrt(abar_prev)), sigma_prev=f(np.sqrt(1 - abar_prev)),
+      coef1=f(beta * np.sqrt(abar_prev) / (1 - abar)),
+      coef2=f((1 - abar_prev) * np.sqrt(1 - beta) / (1 - abar)),
+      log_var=f(np.log(max(post_var, 1e-20))), log_beta=f(np.log(beta)),
+      ddim_sigma=f(np.sqrt(post_var)), is_last=jnp.asarray(t_prev < 0))
+
+
 @jax.jit
 def _single_steps(x0, eps):
-  c, last = samplers.step_between(700, 300), samplers.step_between(0, -1)
+  c, last = step_between(700, 300), step_between(0, -1)
   x_t = c.alpha * x0 + c.sigma * eps
   v = c.alpha * eps - c.sigma * x0
   x_0 = last.alpha * x0 + last.sigma * eps

@@ -44,7 +44,7 @@ from mmar_jax.train.optimizer import schedule
 
 
 def _check_supported(config, mcfg) -> None:
-  m, im = config.model, config.model.image
+  im = config.model.image
   problems = []
   if im.kind != "patchify":
     problems.append(f"model.image.kind={im.kind!r} (only patchify: the bench feeds synthetic latents)")

@@ -68,24 +68,6 @@ def step_coefs(arrays: dict, k) -> StepCoefs:
   return StepCoefs(**{name: a[k] for name, a in arrays.items()}, is_last=jnp.asarray(k) == 0)
 
 
-def step_between(t: int, t_prev: int, num_timesteps: int = sched_lib.NUM_TIMESTEPS) -> StepCoefs:
-  """Constants of one reverse step between any two original timesteps (t_prev = -1: to x0), from
-  fp64; for diagnostics that study single steps outside a sampling chain."""
-  base = sched_lib.base_schedule(num_timesteps)
-  abar = base.alphas_cumprod[t]
-  abar_prev = 1.0 if t_prev < 0 else base.alphas_cumprod[t_prev]
-  beta = 1.0 - abar / abar_prev
-  post_var = beta * (1.0 - abar_prev) / (1.0 - abar)
-  f = lambda a: jnp.asarray(a, jnp.float32)
-  return StepCoefs(
-      t=jnp.asarray(t, jnp.int32), alpha=f(np.sqrt(abar)), sigma=f(np.sqrt(1 - abar)),
-      alpha_prev=f(np.sqrt(abar_prev)), sigma_prev=f(np.sqrt(1 - abar_prev)),
-      coef1=f(beta * np.sqrt(abar_prev) / (1 - abar)),
-      coef2=f((1 - abar_prev) * np.sqrt(1 - beta) / (1 - abar)),
-      log_var=f(np.log(max(post_var, 1e-20))), log_beta=f(np.log(beta)),
-      ddim_sigma=f(np.sqrt(post_var)), is_last=jnp.asarray(t_prev < 0))
-
-
 # -- single steps ----------------------------------------------------------------------------------
 
 def ddpm_step(out, x_t, c: StepCoefs, noise, *, prediction: str, temperature=1.0):

@@ -129,8 +129,6 @@ def respaced_schedule(num_steps: int, num_timesteps: int = NUM_TIMESTEPS) -> Sch
 
 # Base-chain constants by original timestep, float64.
 ALPHAS_CUMPROD = base_schedule().alphas_cumprod
-ALPHA = base_schedule().alpha
-SIGMA = base_schedule().sigma
 
 
 def alpha_sigma(t, num_timesteps: int = NUM_TIMESTEPS):

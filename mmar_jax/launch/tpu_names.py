@@ -51,10 +51,6 @@ class Slice:
   chips: int  # = JAX devices
   hosts: int  # = TPU VMs = JAX processes
 
-  @property
-  def chips_per_host(self) -> int:
-    return self.chips // self.hosts
-
   def describe(self) -> str:
     chips = "chip" if self.chips == 1 else "chips"
     host = "host" if self.hosts == 1 else "hosts"

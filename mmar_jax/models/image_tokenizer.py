@@ -103,11 +103,6 @@ class ImageTokenizer(nnx.Module):
     """A posterior sample of the tokens (already scaled: see the module docstring)."""
     return sample_posterior(mean, logvar, rng)
 
-  def tokenize(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-    """MAR's use: a posterior sample with `rng` (training), the mean without (inference)."""
-    mean, logvar = self.encode(images)
-    return mean if rng is None else self.sample(mean, logvar, rng)
-
   def tokens_to_images(self, tokens: jax.Array, grid: tuple[int, int] | None = None) -> jax.Array:
     """Tokens [B, n, C] -> images [B, H, W, 3] (not clipped); `grid` defaults to square."""
     raise NotImplementedError

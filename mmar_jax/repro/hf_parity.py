@@ -153,7 +153,3 @@ def check_hf_parity(hf_dir: str | None = None, *, prompt_ids: str | np.ndarray |
   return result
 
 
-def cli_hf_parity(args) -> int:
-  result = check_hf_parity(args.hf, prompt_ids=args.prompt_ids, seq_len=args.seq_len, atol=args.atol,
-                           max_kl=args.max_kl, min_argmax=args.min_argmax, dump_logits=args.dump_logits)
-  return 0 if result["passed"] else 1

@@ -21,7 +21,6 @@ import optax
 
 from mmar_jax.parallel.sharding import logical_names, map_variables
 
-NEW_MODULES = ("vit", "projector", "head")
 MODULES = ("backbone", "vit", "projector", "head", "image_tokenizer")
 
 
