@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import ROOT, TINY, tiny_config
+from mmar_jax import cli
 from mmar_jax.data import sources
 from mmar_jax.data.pipeline import Batcher, global_batch, local_rows, record_order
 
@@ -237,10 +238,25 @@ def _tiny_run(tmp_path, *overrides):
   return records
 
 
-def test_webdataset_feeds_training(tmp_path):
+def test_webdataset_feeds_training_and_the_demo_eval_is_skipped(tmp_path, capsys):
+  """`mmar-jax train` on shards, with the demo config's eval.at_end: it trains, says in one line
+  why the demo's evaluation does not apply, and exits 0 (the run trained)."""
   pattern = _write_shards(tmp_path)
-  records = _tiny_run(tmp_path, ("data.source", f"wds:{pattern}"))
+  run = tmp_path / "run"
+  rc = cli.main(["train", "--config", os.path.join(ROOT, TINY), "--workdir", str(run),
+                 "--config.steps=2", "--config.train.log_every=1", "--config.eval.at_end=true",
+                 f"--config.data.source=wds:{pattern}"])
+  out = capsys.readouterr().out
+  assert rc == 0, out
+  assert "skipped the demo's evaluation (eval.at_end): it measures the built-in demo data" in out
+  assert not (run / "eval").exists()
+  with open(run / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
   assert records[-1]["data_skipped"] > 0 and records[-1]["data_truncated"] > 0
+  # `eval` on that run names the reason instead of a traceback.
+  assert cli.main(["eval", "--workdir", str(run)]) == 2
+  assert "eval: it measures the built-in demo data" in capsys.readouterr().err
 
 
 # -- TFDS ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import numpy as np
 from etils import epath
 
 from mmar_jax.data import shapes
+from mmar_jax.errors import ConfigError
 from mmar_jax.run import Run
 from mmar_jax.sample.image import generate_images
 from mmar_jax.sample.text import caption_images
@@ -41,13 +42,22 @@ def chance(spec: shapes.ShapesSpec) -> dict:
   return dict(colour=1 / c, shape=1 / s, position=1 / p, all_three=1 / (c * s * p))
 
 
+def not_applicable(config) -> str | None:
+  """Why the demo's evaluation cannot measure a run (None when it can)."""
+  if config.data.source != "demo":
+    return (f"it measures the built-in demo data, and this run trains on "
+            f"{config.data.source!r}")
+  return None
+
+
 def evaluate(workdir, *, step: int | None = None, params: str = "ema", seed: int = 0,
              sampling: dict | None = None, overrides=()) -> dict:
   t0 = time.perf_counter()
   run = Run(workdir, overrides)
   config, tokenizer, mcfg = run.config, run.tokenizer, run.model_cfg
-  if config.data.source != "demo":
-    raise ValueError(f"eval measures the built-in demo data; this run trains on {config.data.source!r}")
+  why = not_applicable(config)
+  if why:
+    raise ConfigError(f"eval: {why}")
   weights, step = run.params(step, params)
   model = run.model(jax.device_get(weights))
   spec = shapes.ShapesSpec(image_size=config.model.image.size, seed=config.seed)
