@@ -40,7 +40,6 @@ accelerator). `diagnose numerics` always compares bf16 with fp32 on the run's we
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import sys
 import time
@@ -52,6 +51,7 @@ import optax
 from etils import epath
 from flax import nnx
 
+from mmar_jax.commands import figures
 from mmar_jax.data.pipeline import global_batch, make_batcher
 from mmar_jax.data.shapes import ShapesDataset, ShapesSpec
 from mmar_jax.data.sources import make_source
@@ -332,9 +332,7 @@ def format_table(result: dict) -> str:
 
 
 def plot_png(result: dict) -> bytes:
-  import matplotlib  # lazy: only the plot needs it
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # lazy: only the plot needs it
+  plt = figures.pyplot()
   colours = {"eps": "tab:red", "v": "tab:blue", "x0": "tab:green"}
   fig, (ax_amp, ax_err) = plt.subplots(1, 2, figsize=(11, 4.2))
   t = np.arange(len(result["v"]["amplification"]))
@@ -350,17 +348,8 @@ def plot_png(result: dict) -> bytes:
   for ax in (ax_amp, ax_err):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-  return png_bytes(fig, dpi=110)
+  return figures.png_bytes(fig, dpi=110)
 
-
-def png_bytes(fig, dpi: int) -> bytes:
-  """A matplotlib figure as PNG bytes (for an atomic write), and the figure closed."""
-  import matplotlib.pyplot as plt  # lazy: only the plot needs it
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=dpi)
-  plt.close(fig)
-  return buf.getvalue()
 
 
 def _plot_measured(ax, buckets, colour, label):

@@ -40,7 +40,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mmar_jax.commands.diagnose import png_bytes
+from mmar_jax.commands import figures
 from mmar_jax.data.pipeline import global_batch, make_batcher
 from mmar_jax.data.sources import make_source
 from mmar_jax.diffusion import parameterization as par
@@ -272,9 +272,7 @@ def format_table(result: dict) -> str:
 
 
 def plot_png(result: dict) -> bytes:
-  import matplotlib  # lazy: only the plot needs it
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # lazy: only the plot needs it
+  plt = figures.pyplot()
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
   for ax, kname in zip(axes[:2], KINDS):
     for name in LOSSES:
@@ -291,7 +289,7 @@ def plot_png(result: dict) -> bytes:
   ax.set_title(f"unconditional, {result['visible'][j]} visible: attention of masked queries")
   ax.set_xlabel("LLM layer")
   ax.legend(fontsize=7)
-  return png_bytes(fig, dpi=100)
+  return figures.png_bytes(fig, dpi=100)
 
 
 def cli_context(args) -> int:

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from mmar_jax.commands import figures
 from mmar_jax.data import shapes
 from mmar_jax.errors import ConfigError
 from mmar_jax.run import Run
@@ -108,9 +109,7 @@ def evaluate(workdir, *, step: int | None = None, params: str = "ema", seed: int
 
 def _pictures(out, workdir, images, captions, drawn, prompts, detected, uncond, valid):
   """Captioned test images, prompts with their drawings, unconditional samples, loss curves."""
-  import matplotlib  # lazy: only the plot needs it
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # lazy: only the plot needs it
+  plt = figures.pyplot()
 
   def panel(path, imgs, titles, colours=None, cols=8):
     n = len(imgs)
