@@ -38,7 +38,6 @@ from mmar_jax.data import token_stats
 from mmar_jax.data.text_tokenizer import load_text_tokenizer
 from mmar_jax.diffusion import schedule as sched_lib
 from mmar_jax.models.mmar import model_config
-from mmar_jax.pytorch.model import MMAR, resolved_config
 from mmar_jax.train import flops as flops_lib
 from mmar_jax.train.optimizer import schedule
 
@@ -66,7 +65,7 @@ def bench_torch_train(config, steps: int = 10, warmup: int = 3, compile: bool = 
   import torch  # lazy: seconds to import, this path only
   import transformers  # lazy: seconds to import, this path only
 
-
+  from mmar_jax.pytorch.model import MMAR, resolved_config  # lazy: imports torch
   config = config.copy_and_resolve_references()
   config.model.compute_dtype = "float32"  # the reference runs fp32 (as the JAX bench on CPU)
   config.model.head.compute_dtype = "float32"

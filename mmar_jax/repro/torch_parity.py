@@ -34,8 +34,6 @@ from mmar_jax.data.text_tokenizer import encode_questions, load_text_tokenizer
 from mmar_jax.diffusion import samplers, schedule
 from mmar_jax.models import sequence
 from mmar_jax.models.mmar import MMAR, combine, model_config
-from mmar_jax.pytorch.model import MMAR as TorchMMAR
-from mmar_jax.pytorch.model import load_checked, resolved_config
 from mmar_jax.run import Run
 from mmar_jax.sample.image import generate_tokens, sample_keys, typed_key
 from mmar_jax.sample.text import caption_tokens
@@ -90,6 +88,8 @@ LOSS_FLOOR = 0.1
 def _torch_model(mcfg, params, tokenizer, perturb):
   import torch  # lazy: seconds to import, this path only
 
+  from mmar_jax.pytorch.model import MMAR as TorchMMAR  # lazy: imports torch
+  from mmar_jax.pytorch.model import load_checked, resolved_config  # lazy: imports torch
   tensors = {name: f() for name, f in tensors_from_params(params, mcfg).items()}
   if perturb == "kernel":
     name = "vit.blocks.0.proj.weight"
