@@ -12,10 +12,9 @@ import argparse
 import sys
 
 from mmar_jax.commands import (bench, bench_memory, bench_torch, convert, diagnose,
-                               diagnose_context, evaluate, fid, safetensors_to_jax, sample, train,
-                               understanding)
+                               diagnose_context, evaluate, fid, prepare_data, safetensors_to_jax,
+                               sample, train, understanding)
 from mmar_jax.config import split_override_args
-from mmar_jax.data import prepare
 from mmar_jax.errors import ConfigError, ConversionError, InputError
 from mmar_jax.parallel.distributed import add_arguments as _distributed_args
 from mmar_jax.repro import cli as repro_cli
@@ -24,21 +23,6 @@ from mmar_jax.repro import cli as repro_cli
 def _train_args(p):
   p.add_argument("--config", default=None, help="config file[:variant]")
   p.add_argument("--workdir", required=True)
-  _distributed_args(p)
-
-
-def _prepare_data_args(p):
-  p.add_argument("--config", required=True, help="config file[:variant] (model.image, init.vae)")
-  p.add_argument("--src", required=True,
-                 help="demo | folder:PATH | jsonl:PATH | wds:GLOB | tfds[:NAME] (data.tfds.*)")
-  p.add_argument("--out", required=True, help="output directory (local or gs://)")
-  p.add_argument("--records-per-shard", type=int, default=10000)
-  p.add_argument("--batch-size", type=int, default=64,
-                 help="images per device in an encoder call (the same on every device, so the "
-                      "latents do not depend on the device count)")
-  p.add_argument("--threads", type=int, default=8, help="threads reading and decoding images")
-  p.add_argument("--overwrite", action="store_true",
-                 help="replace an existing --out (deleted first), or restart another job's unfinished one")
   _distributed_args(p)
 
 
@@ -83,7 +67,7 @@ def _context_args(p):
 # name -> (target, add_arguments, help)
 COMMANDS = {
     "train": (train.cli_train, _train_args, "train, or resume when --workdir has checkpoints"),
-    "prepare-data": (prepare.cli_prepare_data, _prepare_data_args,
+    "prepare-data": (prepare_data.cli_prepare_data, prepare_data.add_args,
                      "images + captions -> encoded latents in ArrayRecord shards (data.source latents:DIR)"),
     "repro": (repro_cli.cli_repro, repro_cli.add_args,
               "reproducibility checks: a pass/fail table, non-zero exit on failure"),

@@ -1,5 +1,5 @@
-"""`mmar-jax prepare-data --config CFG --src SOURCE --out DIR`: encode a data source's images once,
-on one process or on every process of a pod.
+"""Encode a data source's images once, on one process or on every process of a pod (the body of
+`mmar-jax prepare-data --config CFG --src SOURCE --out DIR`: commands/prepare_data.py).
 
 Runs the config's image tokenizer (the VAE of `init.vae`, or the weightless patchify tokenizer)
 over every record of SOURCE (any `data.source` but `latents:`) and writes, per record, the
@@ -32,7 +32,6 @@ process count (the records of a shard and their encoding are the same).
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import sys
 import time
@@ -45,7 +44,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from mmar_jax import config as config_lib
 from mmar_jax.data import prepare_out, sources
 from mmar_jax.errors import ConfigError
 from mmar_jax.models.image_tokenizer import make_image_tokenizer
@@ -182,18 +180,3 @@ def prepare(config, src: str, out: str, *, records_per_shard: int = 10000, batch
               records_encoded=sum(min((k + 1) * records_per_shard, n) - k * records_per_shard
                                   for k in mine), encode_s=encode_s, wait_s=wait_s)
   return (output.finish() if lead else None), here
-
-
-def cli_prepare_data(args) -> int:
-  distributed.join(args)  # before any other JAX call
-  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # orbax's import set absl's handler
-  for noisy in ("absl", "orbax", "jax._src"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  config = config_lib.apply_overrides(config_lib.load_file(args.config), args.config_overrides)
-  meta, here = prepare(config, args.src, args.out, records_per_shard=args.records_per_shard,
-                       batch_size=args.batch_size, threads=args.threads, overwrite=args.overwrite)
-  print(json.dumps(here), flush=True)
-  if meta is not None:
-    print(f"prepare-data: {meta['records']} records ({meta['unreadable']} unreadable), tokens "
-          f"{meta['token_shape']} -> {args.out}", flush=True)
-  return 0
