@@ -4,9 +4,9 @@ picture here; many per process start with `--prompts` / `--images`: sample_files
 Both read the stored config (WORKDIR/config.json), the workdir's tokenizer and, by default, the
 EMA weights of the latest checkpoint; `--step` and `--params raw` choose others. The model runs
 on `--mesh` if given, else on every device present (fsdp axis: parallel/mesh.sampling_overrides),
-not on the training run's mesh. `--prompts` also runs across the processes of a pod (`--coordinator`,
-or the environment `train` reads: parallel/distributed.py); one prompt, and captioning, run in one
-process.
+not on the training run's mesh. `--prompts` and `--images` also run across the processes of a pod (`--coordinator`,
+or the environment `train` reads: parallel/distributed.py), the SPMD way (generate_files.py,
+sample_files.py); one prompt and one picture run in one process.
 """
 
 from __future__ import annotations
@@ -28,6 +28,13 @@ def add_generate_args(p):
   p.add_argument("--out-dir", default=None, help="with --prompts: PNGs and index.jsonl")
   p.add_argument("--num-per-prompt", type=int, default=1, help="with --prompts: draws per prompt")
   p.add_argument("--batch-size", type=int, default=8, help="with --prompts: images per batch")
+  add_sampling_args(p)
+  p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+  add_arguments(p)
+
+
+def add_sampling_args(p):
+  """How images are drawn, and from which weights (generate, and the drawing of eval fid)."""
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
   p.add_argument("--cfg-schedule", default="linear", choices=("linear", "constant"))
@@ -36,8 +43,13 @@ def add_generate_args(p):
   p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
   p.add_argument("--temperature", type=float, default=1.0)
   _checkpoint_args(p)
-  p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-  add_arguments(p)
+
+
+def sampling_kwargs(args) -> dict:
+  """The keyword arguments of generate_files.generate_files that `add_sampling_args` sets."""
+  return dict(seed=args.seed, ar_steps=args.ar_steps, diffusion_steps=args.diffusion_steps,
+              sampler=args.sampler, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+              temperature=args.temperature)
 
 
 def add_caption_args(p):
@@ -47,6 +59,8 @@ def add_caption_args(p):
   src.add_argument("--images", help="many pictures: a folder, a glob or a JSONL (`image` key); "
                                     "with --out")
   p.add_argument("--out", default=None, help="with --images: the captions, one JSON line each")
+  p.add_argument("--overwrite", action="store_true",
+                 help="with --images: replace an existing --out (and start over)")
   p.add_argument("--batch-size", type=int, default=8, help="with --images: pictures per batch")
   p.add_argument("--question", default=None, help="a question about the image (VQA)")
   p.add_argument("--max-tokens", type=int, default=64)
@@ -61,7 +75,7 @@ def _checkpoint_args(p):
   p.add_argument("--params", default="ema", choices=("ema", "raw"))
 
 
-def _open(args):
+def open_run(args):
   """(Run, (graphdef, params), step) of the workdir the arguments name."""
   from mmar_jax.parallel.mesh import sampling_overrides
   from mmar_jax.run import Run
@@ -96,13 +110,13 @@ def cli_generate(args) -> int:
     from mmar_jax.commands.generate_files import cli_generate_files
     from mmar_jax.commands.sample_files import read_prompts
     read_prompts(args.prompts, args.prompt_key)  # a bad file fails before the (slow) model load
-    run, model, step = _open(args)
+    run, model, step = open_run(args)
     return cli_generate_files(args, run, model, step)
   if args.num < 1:
     print(f"mmar-jax: error: --num must be >= 1, got {args.num}", file=sys.stderr)
     return 2
   sio.check_writable(sio.sample_paths(args.out, args.num), args.overwrite)
-  run, model, step = _open(args)
+  run, model, step = open_run(args)
   prompts = [args.prompt] * args.num if args.prompt else None
   print(f"generating {args.num} image(s) from step {step} ({args.params} weights), "
         f"{args.ar_steps} AR steps x {args.diffusion_steps} {args.sampler} steps ...",
@@ -120,7 +134,8 @@ def cli_generate(args) -> int:
 
 
 def cli_caption(args) -> int:
-  _join(args, False, "caption runs in one process")
+  _join(args, args.images is not None,
+        "one picture runs in one process; --images spreads many over the processes")
   import jax
   from etils import epath
 
@@ -128,15 +143,17 @@ def cli_caption(args) -> int:
   from mmar_jax.sample import text as txt
   if args.images is not None:
     from mmar_jax.commands.sample_files import cli_caption_files, image_inputs
+    from mmar_jax.sample.io import check_writable
     if not args.out:
       print("mmar-jax: error: --images needs --out FILE.jsonl", file=sys.stderr)
       return 2
     image_inputs(args.images, args.question)  # before the (slow) model load
-    run, model, _ = _open(args)
-    return cli_caption_files(args, run, model)
+    check_writable([args.out], args.overwrite)  # also here: every process stops alike
+    run, model, step = open_run(args)
+    return cli_caption_files(args, run, model, step)
   if not epath.Path(args.image).exists():  # before the (slow) model load
     raise FileNotFoundError(f"image not found: {args.image}")
-  run, model, _ = _open(args)
+  run, model, _ = open_run(args)
   try:
     image = sio.load_image(args.image, run.model_cfg.image["size"])
   except ValueError as e:  # an unreadable picture: a bad input, not a crash

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 from etils import epath
 
+from mmar_jax.data.sources import image_error
 from mmar_jax.files import write_bytes_atomic
 
 
@@ -95,7 +96,7 @@ def load_image(path, size: int) -> np.ndarray:
     img = Image.open(io.BytesIO(p.read_bytes()))
     img.load()
   except Exception as e:  # noqa: BLE001 - PIL raises many kinds; the message names the file
-    raise ValueError(f"cannot read image {path}: {e}") from None
+    raise ValueError(f"cannot read image {path}: {image_error(e)}") from None
   img = img.convert("RGB")
   if img.size != (size, size):
     img = center_crop_arr(img, size)
