@@ -206,7 +206,7 @@ def test_stats_only_skips_unreadable_files_and_compiles_once(tmp_path, weights, 
   assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and mu.dtype == sigma.dtype == np.float64
   graphdef, state = conv.load_inception(str(weights))
   rows_b = fid.folder_features(graphdef, state, str(b), 3, progress=False)
-  assert net.pool3_features._cache_size() - compiled == 1  # [3, 32, 32, 3] only
+  assert net.pool3_features._cache_size() - compiled == 1  # [8, 32, 32, 3] only: 1 per device
   assert rows_b.files == ["000.png", "001.png", "002.png", "003.png"] and not rows_b.skipped
   assert np.isfinite(rows_b.features).all() and rows_b.features.std() > 0.1
   np.testing.assert_allclose(np.mean(rows_b.features[[1, 2, 3, 0]], axis=0), mu, rtol=0, atol=1e-5)

@@ -23,6 +23,7 @@ A job whose outputs are records rather than files keeps one JSON file per finish
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import shutil
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -35,6 +36,7 @@ from mmar_jax.files import remove_temporaries, write_bytes_atomic
 from mmar_jax.parallel import distributed
 
 T = TypeVar("T")
+_CHECKS = itertools.count()  # barrier names: every process makes the same calls in the same order
 
 
 def missing(items: Sequence[T], done: Sequence[bool]) -> list[T]:
@@ -74,6 +76,24 @@ def agreed(check: Callable[[int], bool], count: int, name: str) -> list[bool]:
     flags[:] = [bool(check(i)) for i in range(count)]
   distributed.barrier(f"mmar_{name}_listed")
   return [bool(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(flags))]
+
+
+def check_same(text: str, what: str) -> None:
+  """Stops every process, naming `what`, unless `text` (a list of inputs each process read for
+  itself) is the same on all of them: processes that disagree would share different lists."""
+  import hashlib
+
+  import jax
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], np.uint32)
+  distributed.barrier(f"mmar_same_{next(_CHECKS)}")
+  every = np.asarray(multihost_utils.process_allgather(digest))
+  if not (every == every[0]).all():
+    differ = [p for p in range(len(every)) if not (every[p] == every[0]).all()]
+    raise InputError(f"{what} differs between processes (process 0 and {differ}): every process "
+                     f"must see the same inputs")
 
 
 def item_keys(seed: int, items) -> np.ndarray:
