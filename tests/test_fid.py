@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fid_reference import random_state_dict
+from fid_reference import write_random_weights
 from mmar_jax import cli
 from mmar_jax.commands import fid
 from mmar_jax.convert import inception as conv
@@ -47,10 +47,8 @@ def _cli(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-  """A real torch file in pytorch-fid's layout (the network's names plus fc.*), random weights."""
-  shapes = dict(conv.torch_shapes(), **conv.OPTIONAL)
   path = tmp_path_factory.mktemp("inception") / conv.WEIGHTS_FILE
-  torch.save({k: torch.from_numpy(v) for k, v in random_state_dict(shapes, seed=0).items()}, path)
+  write_random_weights(path, seed=0)
   return path
 
 

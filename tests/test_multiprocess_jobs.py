@@ -288,14 +288,10 @@ def test_understanding_in_two_processes_is_one_process_report(sampling_run, pict
 
 @pytest.fixture(scope="module")
 def inception(tmp_path_factory):
-  """pytorch-fid's weights file layout with seeded random weights (tests/fid_reference.py)."""
-  import torch
-
-  from fid_reference import random_state_dict
-  from mmar_jax.convert import inception as conv
-  shapes = dict(conv.torch_shapes(), **conv.OPTIONAL)
-  path = tmp_path_factory.mktemp("inception") / conv.WEIGHTS_FILE
-  torch.save({k: torch.from_numpy(v) for k, v in random_state_dict(shapes, seed=0).items()}, path)
+  from fid_reference import write_random_weights
+  from mmar_jax.convert.inception import WEIGHTS_FILE
+  path = tmp_path_factory.mktemp("inception") / WEIGHTS_FILE
+  write_random_weights(path, seed=0)
   return path
 
 
