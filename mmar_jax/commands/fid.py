@@ -174,10 +174,11 @@ def _runs(files, batch_size: int, skipped: list):
 
 
 def _try_read(path):
+  from mmar_jax.data.sources import image_error
   try:
     return read_image(path)
   except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-    return f"not a readable image ({type(e).__name__}: {e})"
+    return f"not a readable image ({image_error(e)})"
 
 
 def folder_features(graphdef, state, folder: str, batch_size: int, *, progress: bool = True,

@@ -130,8 +130,8 @@ def caption_files(run, model, inputs: list[tuple[str, str | None]], out: str, *,
                   batch_size: int = 8, max_tokens: int = 64, top_p=None, seed: int = 0,
                   weights: str = "", overwrite: bool = False, progress: bool = True) -> dict:
   """Writes `out` (module docstring); `weights` names the checkpoint (a resumed run must use the
-  same). Returns this process's counts (`wait_s`: the seconds it
-  waited for the others at the end)."""
+  same). Returns this process's counts (`wait_s`: the seconds it waited for the others at the
+  end) and, on process 0, the summary of the whole file."""
   import jax
   from tqdm import tqdm
   lead = jax.process_index() == 0
