@@ -338,6 +338,8 @@ def cli_fid(args) -> int:
   if args.save_stats and epath.Path(args.save_stats).exists() and not args.overwrite:
     raise FileExistsError(f"output {args.save_stats} exists; pass --overwrite to replace it")
   ref_stats = load_stats(args.ref_stats) if args.ref_stats else None  # fail before the long part
+  if not args.workdir and (args.prompts or args.num):
+    raise ConfigError("--prompts and --num draw the images with a run's model: give --workdir RUN")
   prompts = draw_prompts(args) if args.workdir else None
   if prompts is None:
     list_images(args.images, quiet=True)
