@@ -286,6 +286,32 @@ def test_understanding_in_two_processes_is_one_process_report(sampling_run, pict
   assert not [p for p in os.listdir(pictures) if p.startswith(".")]
 
 
+@pytest.mark.slow
+def test_understanding_killed_then_resumed_on_another_process_count(sampling_run, pictures):
+  """4 processes x 2 devices, one SIGKILLed once the first rows' records are written; re-run on
+  2 x 4: it scores exactly the rows without a record, and the report is byte for byte the
+  one-process report. The same 8 devices throughout: the likelihoods are floats, and FSDP over
+  another device count partitions the matmuls differently (the last bits may change)."""
+  from mmar_jax import cli
+  data = _benchmark(pictures)
+  args = lambda out, batch: ["eval", "understanding", "--workdir", sampling_run[0], "--data", data,
+                             "--out", out, "--batch-size", batch]
+  one = pictures / "understanding_ref.json"
+  assert cli.main([str(a) for a in args(one, 8)]) == 0
+  rows = 6 * 3 + 3 + 2  # six 3-choice records, three open ones, the unreadable 2-choice one
+  out = pictures / "understanding_killed.json"
+  parts = pictures / ".understanding_killed.json.parts"
+  procs = start_cli(args(out, 8), n=4, devices=2)
+  left = rows - _kill_mid_run(procs, parts, "0*.json", 7, wait_s=900, victim=2)
+  assert 0 < left < rows and not out.exists()
+  outs = finish(start_cli(args(out, 8), n=2, devices=4), timeout=400)
+  reports = _reports(outs)
+  assert all(r["scored_now"] == left for r in reports)
+  assert sum(r["written_here"] for r in reports) == left
+  assert out.read_bytes() == one.read_bytes()
+  assert not [p for p in os.listdir(pictures) if p.startswith(".")]
+
+
 @pytest.fixture(scope="module")
 def inception(tmp_path_factory):
   from fid_reference import write_random_weights

@@ -17,7 +17,8 @@ owner; its row is drawn from zeros and dropped, so no process waits on another's
 n's sampling key is fold_in(key(seed), n) and every question is padded to the longest of the
 list, so a record depends neither on its batch nor on the process count; a re-run, on any number
 of processes, captions only the pictures without a record. When every share is done, process 0
-writes FILE atomically, in input order, and removes the records.
+writes FILE atomically, in input order, and removes the records. (On another device count, FSDP
+partitions the matmuls differently: a near-tied greedy token could then flip.)
 """
 
 from __future__ import annotations

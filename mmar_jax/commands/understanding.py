@@ -26,7 +26,9 @@ the pictures of the rows its devices hold and writes the record of each row it o
 (parallel/shares.ItemRecords, beside --out until the report is complete), so a killed run
 re-run on any number of processes scores only the missing rows. An unreadable picture is an
 error record of its row's owner, not a stop. After every share is done, process 0 writes the
-report once, atomically.
+report once, atomically. The report is one process's on the same mesh, whatever the process
+count; on another device count the likelihoods may differ in their last bits (FSDP partitions
+the matmuls differently), as may, rarely, a near-tied greedy token.
 """
 
 from __future__ import annotations
@@ -286,6 +288,8 @@ def cli_eval_understanding(args) -> int:
     print(json.dumps(here), flush=True)
     return 0
   print(json.dumps(dict(result["summary"], out=out, seconds=time.perf_counter() - t0,
-                        processes=jax.process_count(), wait_s=here["wait_s"])), flush=True)
+                        processes=jax.process_count(),
+                        **{k: here[k] for k in ("scored_now", "written_here", "wait_s")})),
+        flush=True)
   print(f"wrote {out}", file=sys.stderr)
   return 0
