@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start mmar-jax train on several GPU hosts over ssh; --help for the flags.
+# Start mmar-jax train (or another job after `--`) on several GPU hosts over ssh; --help.
 # The logic (argument checks, the commands) lives in mmar_jax/launch/gpu.py; --dry-run prints them.
 # Runs with the Python on PATH (activate the project's venv) or $PYTHON.
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Submit mmar-jax train as a SLURM job (launch/slurm.sbatch); --help for the flags.
+# Submit mmar-jax train, or another job after `--`, as a SLURM job (launch/slurm.sbatch); --help.
 # The logic (argument checks, the commands) lives in mmar_jax/launch/gpu.py; --dry-run prints them.
 # Runs with the Python on PATH (activate the project's venv) or $PYTHON.
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU slice (or several over DCN); --help for the flags.
+# Train on a Cloud TPU slice (or several over DCN), or run another job after `--`; --help.
 # The logic (argument checks, the commands) lives in mmar_jax/launch/tpu.py; --dry-run prints them.
 # Runs with the Python on PATH (activate the project's venv) or $PYTHON.
 set -euo pipefail

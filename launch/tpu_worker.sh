@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs on every TPU VM of a slice; launch/tpu.sh calls it over `gcloud ... ssh --worker=all`.
 #   tpu_worker.sh install PYTHON_VERSION   swap in ~/mmar_jax_new as ~/mmar_jax, install it
-#   tpu_worker.sh start TRAIN_ARGS...      start `mmar-jax train TRAIN_ARGS` in the background
-#   tpu_worker.sh stream                   print the log until training ends
+#   tpu_worker.sh start COMMAND ARGS...    start `mmar-jax COMMAND ARGS` (train, prepare-data,
+#                                          eval fid, ...) in the background
+#   tpu_worker.sh stream                   print the log until the command ends
 #   tpu_worker.sh status                   the exit status, "running" or "lost"
 # State lives in ~/mmar_run (log, pid, exit status), so a re-run of the launcher attaches to a
-# training that is still going instead of starting a second one on the same chips.
+# command that is still going instead of starting a second one on the same chips.
 set -euo pipefail
 
 SRC="$HOME/mmar_jax"
@@ -40,23 +41,23 @@ EOF
 
 start() {
   if running; then
-    echo "$(hostname): training is already running (pid $(cat "$RUN/pid")); attaching"
+    echo "$(hostname): mmar-jax is already running (pid $(cat "$RUN/pid")); attaching"
     return 0
   fi
   rm -f "$RUN/exit_code"
   cd "$SRC"
-  # setsid + nohup: training outlives the ssh session that started it.
+  # setsid + nohup: the command outlives the ssh session that started it.
   MMAR_DISTRIBUTED=auto setsid nohup bash -c \
-    '"$0" train "$@"; echo $? > "$HOME/mmar_run/exit_code"' "$VENV/bin/mmar-jax" "$@" \
-    > "$RUN/train.log" 2>&1 < /dev/null &
+    '"$0" "$@"; echo $? > "$HOME/mmar_run/exit_code"' "$VENV/bin/mmar-jax" "$@" \
+    > "$RUN/run.log" 2>&1 < /dev/null &
   echo $! > "$RUN/pid"
-  echo "$(hostname): started mmar-jax train (pid $!)"
+  echo "$(hostname): started mmar-jax $1 (pid $!)"
 }
 
 stream() {
   local pid
   pid="$(cat "$RUN/pid")"
-  tail -n +1 -F -s 0.5 "$RUN/train.log" --pid="$pid" 2>/dev/null
+  tail -n +1 -F -s 0.5 "$RUN/run.log" --pid="$pid" 2>/dev/null
 }
 
 status() {

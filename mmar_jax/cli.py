@@ -127,9 +127,11 @@ def _understanding_args(p):
   p.add_argument("--data", required=True, help="JSONL: {image, question, answer} (open) or "
                  "{image, question, choices, answer} (multiple choice)")
   p.add_argument("--out", default=None, help="predictions and summary (default: WORKDIR/eval/understanding.json)")
-  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--batch-size", type=int, default=16, help="rows (choices, open questions) per global batch")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--params", default="ema", choices=("ema", "raw"))
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and start over)")
+  _distributed_args(p)
 
 
 EVAL = {

@@ -9,6 +9,7 @@ Nothing here imports JAX.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Sequence
@@ -50,3 +51,20 @@ def configure(argv: Sequence[str]) -> list[str]:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   return notes
+
+
+def log_to_console(quiet: Sequence[str] = ("absl", "orbax", "jax._src")) -> None:
+  """A command's INFO messages on stderr, one plain line each; the `quiet` libraries' only from
+  WARNING up. `logging.basicConfig` would do nothing here: orbax's import (through absl) has
+  already given the root logger a handler. So the root logger is adjusted in place, and a
+  handler someone else added (pytest's capture) stays."""
+  root = logging.getLogger()
+  root.setLevel(logging.INFO)
+  console = [h for h in root.handlers if type(h) is logging.StreamHandler]
+  if not console:
+    console = [logging.StreamHandler()]
+    root.addHandler(console[0])
+  for handler in console:
+    handler.setFormatter(logging.Formatter("%(message)s"))
+  for name in quiet:
+    logging.getLogger(name).setLevel(logging.WARNING)

@@ -57,6 +57,16 @@ def random_state_dict(shapes: dict, seed: int = 0) -> dict[str, np.ndarray]:
   return out
 
 
+def write_random_weights(path, seed: int = 0) -> None:
+  """A real torch file in pytorch-fid's layout (the network's names plus fc.*), seeded random
+  weights: the Inception network of the tests (and of measurements without the real file)."""
+  import torch
+
+  from mmar_jax.convert import inception as conv
+  shapes = dict(conv.torch_shapes(), **conv.OPTIONAL)
+  torch.save({k: torch.from_numpy(v) for k, v in random_state_dict(shapes, seed=seed).items()}, path)
+
+
 def main(out_dir: str, seed: int = 0) -> None:
   import torch
   from pytorch_fid import fid_score

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fid_reference import random_state_dict
+from fid_reference import write_random_weights
 from mmar_jax import cli
 from mmar_jax.commands import evaluate, fid
 from mmar_jax.convert import inception as conv
@@ -47,10 +47,8 @@ def _cli(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-  """A real torch file in pytorch-fid's layout (the network's names plus fc.*), random weights."""
-  shapes = dict(conv.torch_shapes(), **conv.OPTIONAL)
   path = tmp_path_factory.mktemp("inception") / conv.WEIGHTS_FILE
-  torch.save({k: torch.from_numpy(v) for k, v in random_state_dict(shapes, seed=0).items()}, path)
+  write_random_weights(path, seed=0)
   return path
 
 
@@ -206,7 +204,7 @@ def test_stats_only_skips_unreadable_files_and_compiles_once(tmp_path, weights, 
   assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and mu.dtype == sigma.dtype == np.float64
   graphdef, state = conv.load_inception(str(weights))
   rows_b = fid.folder_features(graphdef, state, str(b), 3, progress=False)
-  assert net.pool3_features._cache_size() - compiled == 1  # [3, 32, 32, 3] only
+  assert net.pool3_features._cache_size() - compiled == 1  # [8, 32, 32, 3] only: 1 per device
   assert rows_b.files == ["000.png", "001.png", "002.png", "003.png"] and not rows_b.skipped
   assert np.isfinite(rows_b.features).all() and rows_b.features.std() > 0.1
   np.testing.assert_allclose(np.mean(rows_b.features[[1, 2, 3, 0]], axis=0), mu, rtol=0, atol=1e-5)

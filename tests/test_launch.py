@@ -82,7 +82,7 @@ gcloud compute tpus tpu-vm scp /tmp/mmar_jax-mmar.tgz mmar:mmar_jax.tgz --zone=u
 gcloud compute tpus tpu-vm ssh mmar --zone=us-east5-a --worker=all --command='rm -rf ~/mmar_jax_new && mkdir ~/mmar_jax_new && tar -xzf ~/mmar_jax.tgz -C ~/mmar_jax_new && bash ~/mmar_jax_new/launch/tpu_worker.sh install 3.11'
 # The same mmar-jax train on every worker, in the background (MMAR_DISTRIBUTED=auto);
 # worker 0's log streams here until training ends.
-gcloud compute tpus tpu-vm ssh mmar --zone=us-east5-a --worker=all --command='bash ~/mmar_jax/launch/tpu_worker.sh start --config configs/qwen2_7b.py --workdir gs://my-bucket/runs/7b --mesh 1,32,1'
+gcloud compute tpus tpu-vm ssh mmar --zone=us-east5-a --worker=all --command='bash ~/mmar_jax/launch/tpu_worker.sh start train --config configs/qwen2_7b.py --workdir gs://my-bucket/runs/7b --mesh 1,32,1'
 gcloud compute tpus tpu-vm ssh mmar --zone=us-east5-a --worker=0 --command='bash ~/mmar_jax/launch/tpu_worker.sh stream'
 rc=$(gcloud compute tpus tpu-vm ssh mmar --zone=us-east5-a --worker=0 --command='bash ~/mmar_jax/launch/tpu_worker.sh status' | tail -n 1)
 echo "mmar-jax train exited with status $rc"
@@ -136,7 +136,7 @@ gcloud compute tpus queued-resources scp /tmp/mmar_jax-mmar.tgz mmar:mmar_jax.tg
 gcloud compute tpus queued-resources ssh mmar --zone=us-east5-a --project=my-proj --node=all --worker=all --command='rm -rf ~/mmar_jax_new && mkdir ~/mmar_jax_new && tar -xzf ~/mmar_jax.tgz -C ~/mmar_jax_new && bash ~/mmar_jax_new/launch/tpu_worker.sh install 3.11'
 # The same mmar-jax train on every worker, in the background (MMAR_DISTRIBUTED=auto);
 # worker 0's log streams here until training ends.
-gcloud compute tpus queued-resources ssh mmar --zone=us-east5-a --project=my-proj --node=all --worker=all --command='bash ~/mmar_jax/launch/tpu_worker.sh start --config configs/qwen2_0_5b.py:stage2 --workdir gs://my-bucket/runs/05b --mesh 1,256,1 --config.mesh_dcn=2,1,1 --config.train.batch_size=512'
+gcloud compute tpus queued-resources ssh mmar --zone=us-east5-a --project=my-proj --node=all --worker=all --command='bash ~/mmar_jax/launch/tpu_worker.sh start train --config configs/qwen2_0_5b.py:stage2 --workdir gs://my-bucket/runs/05b --mesh 1,256,1 --config.mesh_dcn=2,1,1 --config.train.batch_size=512'
 gcloud compute tpus queued-resources ssh mmar --zone=us-east5-a --project=my-proj --node=0 --worker=0 --command='bash ~/mmar_jax/launch/tpu_worker.sh stream'
 rc=$(gcloud compute tpus queued-resources ssh mmar --zone=us-east5-a --project=my-proj --node=0 --worker=0 --command='bash ~/mmar_jax/launch/tpu_worker.sh status' | tail -n 1)
 echo "mmar-jax train exited with status $rc"
@@ -268,7 +268,7 @@ def test_slurm_two_nodes(capsys):
       mkdir -p {REPO}/logs
       sbatch --job-name=mmar-jax --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 --chdir={REPO} \
 --output={REPO}/logs/%x-%j.out --export=ALL,MMAR_PORT=12355 --partition=gpu --time=24:00:00 \
-{REPO}/launch/slurm.sbatch --config configs/qwen2_7b.py --workdir /shared/runs/7b --mesh 1,16,1
+{REPO}/launch/slurm.sbatch train --config configs/qwen2_7b.py --workdir /shared/runs/7b --mesh 1,16,1
       """)
 
 
@@ -337,8 +337,8 @@ def test_tpu_worker_start_status_stream(tmp_path):
   env = dict(os.environ, HOME=str(home))
   worker = lambda *a: subprocess.run(["bash", os.path.join(LAUNCH, "tpu_worker.sh"), *a], env=env,
                                      capture_output=True, text=True, timeout=20, check=True).stdout
-  assert "started mmar-jax train" in worker("start", "--config", "c.py", "--mesh", "1,8,1")
-  assert "already running" in worker("start", "--config", "c.py")
+  assert "started mmar-jax train" in worker("start", "train", "--config", "c.py", "--mesh", "1,8,1")
+  assert "already running" in worker("start", "train", "--config", "c.py")
   assert worker("stream") == "train:auto:train --config c.py --mesh 1,8,1\n"
   assert worker("status") == "3\n"
 
@@ -436,3 +436,74 @@ def test_maybe_initialize_joins_two_processes(tmp_path):
   outs = [p.communicate(timeout=120) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs
   assert sorted(o.strip() for o, _ in outs) == ["0 2 8", "1 2 8"]
+
+
+# -- other jobs than training: the command after `--` -----------------------------------------------
+
+def _dry_job(main, launcher: list, job: list, capsys):
+  """`main(LAUNCHER --dry-run -- JOB)`: the job's flags come last."""
+  rc = main([*launcher, "--dry-run", "--", *job])
+  out, err = capsys.readouterr()
+  return rc, out, err
+
+
+FID_JOB = ["eval", "fid", "--workdir", "gs://b/runs/7b", "--prompts", "gs://b/coco_30k.txt",
+           "--num", "30000", "--images", "gs://b/fid/images", "--ref-stats", "fid/coco.npz",
+           "--inception", "fid/inception.safetensors"]
+
+
+def test_tpu_runs_a_job_on_every_worker(capsys):
+  """The same slice steps as training, the job's own command on every worker, no mesh checks
+  (the job's mesh is every chip unless it says --mesh)."""
+  args = ["--name", "mmar", "--zone", "us-east5-a", "--accelerator-type", "v5p-64", "--keep"]
+  rc, out, err = _dry_job(tpu.main, args, FID_JOB, capsys)
+  assert (rc, err) == (0, "")
+  lines = out.splitlines()
+  assert lines[0] == "# mmar-jax eval fid on 1 x v5p-64 (32 chips on 8 hosts)"
+  start = ("gcloud compute tpus tpu-vm ssh mmar --zone=us-east5-a --worker=all --command='bash "
+           "~/mmar_jax/launch/tpu_worker.sh start " + " ".join(FID_JOB) + "'")
+  assert start in lines and 'echo "mmar-jax eval fid exited with status $rc"' in lines
+  train = _dry_run(tpu.main, V5P_ARGS, capsys)[1].splitlines()
+  steps = lambda ls: [l for l in ls if "tpu-vm scp" in l or "install 3.11" in l]
+  assert len(steps(lines)) == 2 and steps(lines) == steps(train)  # the same copy and install
+
+
+def test_slurm_and_multinode_run_a_job(capsys):
+  prep = ["prepare-data", "--config", "configs/qwen2_7b.py:stage1", "--src", "wds:/s/{0..9}.tar",
+          "--out", "/s/latents"]
+  rc, out, err = _dry_job(gpu.main, ["slurm", "--nodes", "4", "--gpus-per-node", "8"], prep, capsys)
+  assert (rc, err) == (0, "")
+  assert out.splitlines()[0] == "# mmar-jax on 4 SLURM nodes x 8 GPUs: mmar-jax prepare-data"
+  assert out.rstrip().endswith("launch/slurm.sbatch prepare-data --config configs/qwen2_7b.py:stage1 "
+                               "--src 'wds:/s/{0..9}.tar' --out /s/latents")
+  rc, out, _ = _dry_job(gpu.main, ["multinode", "--hosts", "a,b", "--gpus-per-node", "8"], prep,
+                        capsys)
+  assert rc == 0 and "MMAR_PROCESS_ID=1 python3 -m mmar_jax prepare-data --config" in out
+
+
+@pytest.mark.parametrize("main, argv, says", [
+    (tpu.main, ["--config", "configs/tiny.py", "--", "generate"], "--config: with a job after `--`"),
+    (tpu.main, ["--", "train", "--config", "c.py"], "train takes the launcher's own"),
+    (tpu.main, [], "training needs --config and --workdir"),
+    (gpu.main, ["--mesh", "1,8,1", "--", "eval", "fid"], "--mesh: with a job after `--`"),
+])
+def test_job_refusals(main, argv, says, capsys):
+  base = (["--name", "mmar", "--zone", "us-east5-a", "--accelerator-type", "v5p-8"]
+          if main is tpu.main else ["slurm", "--nodes", "1", "--gpus-per-node", "8"])
+  cut = argv.index("--") if "--" in argv else len(argv)
+  rc, out, err = _dry_job(main, base + argv[:cut], argv[cut + 1:], capsys) if "--" in argv else \
+      _dry_run(main, base + argv, capsys)
+  assert rc == 2 and out == "" and says in err, err
+
+
+def test_slurm_sbatch_runs_a_job(tmp_path):
+  """A command first: the job script runs it instead of train."""
+  env = _fake_tools(tmp_path, {
+      "scontrol": 'printf "node-7\\n"\n',
+      "srun": 'SLURM_PROCID=0 "${@:4}"\n',
+      "fakepython": 'echo "$MMAR_PROCESS_ID $*"\n',
+  })
+  env.update(SLURM_JOB_NODELIST="node-7", SLURM_NNODES="1", MMAR_PYTHON="fakepython")
+  out = subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "eval", "fid", "--images", "d"],
+                       env=env, capture_output=True, text=True, check=True)
+  assert out.stdout.splitlines()[1:] == ["0 -m mmar_jax eval fid --images d"]

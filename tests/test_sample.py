@@ -476,6 +476,11 @@ def test_caption_many_pictures_skips_the_unreadable(workdir, tmp_path, capsys):
   records = [json.loads(l) for l in out.read_text().splitlines()]
   assert [os.path.basename(r["image"]) for r in records] == ["0.png", "1.png", "broken.png"]
   assert "broken.png" in records[2]["error"] and "caption" not in records[2]
+  # A second run refuses to replace the file, naming it, and leaves it as it was.
+  written = out.read_bytes()
+  assert _cli("caption", "--workdir", workdir, "--images", pics, "--out", out) == 2
+  assert f"would overwrite {out} (pass --overwrite)" in capsys.readouterr().err
+  assert out.read_bytes() == written
   # Batched greedy captions are the one-picture command's.
   for r in records[:2]:
     capsys.readouterr()

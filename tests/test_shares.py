@@ -1,6 +1,8 @@
 """The share rule of many-item jobs (parallel/shares.py): what each process does, against the
 plain set arithmetic it must equal."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -58,3 +60,38 @@ def test_every_row_of_a_global_array_has_one_owner(cpu_devices, spec):
 def test_agreed_in_one_process_is_the_check():
   assert shares.agreed(lambda i: i % 2 == 0, 4, "t") == [True, False, True, False]
   assert jax.process_count() == 1
+
+
+def test_item_records_resume_refuse_another_job_and_merge(tmp_path):
+  """Records of finished items survive a re-run with the same plan, a different plan is refused
+  naming the folder (unless --overwrite, which starts over), and the merge writes the output
+  and removes the folder with every temporary file."""
+  from mmar_jax.errors import InputError
+  out = tmp_path / "captions.jsonl"
+  records = shares.ItemRecords(out, dict(inputs=[("a.png", None)], seed=0))
+  records.check(False)
+  records.start(False)
+  records.write("00000000", {"image": "a.png", "caption": "x"})
+  (records.dir / ".00000001.json.tmp-abc").write_text("half")  # a process killed mid-write
+  again = shares.ItemRecords(out, dict(inputs=[("a.png", None)], seed=0))
+  again.check(False)
+  again.start(False)
+  assert again.has("00000000") and not again.has("00000001")
+  assert sorted(p.name for p in again.dir.iterdir()) == ["00000000.json", "plan.json"]
+  other = shares.ItemRecords(out, dict(inputs=[("a.png", None)], seed=1))
+  with pytest.raises(InputError, match=str(other.dir)):
+    other.check(False)
+  other.check(True)
+  other.start(True)
+  assert not other.has("00000000")
+  other.write("00000000", {"image": "a.png", "caption": "y"})
+  other.finish(b"merged\n")
+  assert out.read_bytes() == b"merged\n" and os.listdir(tmp_path) == ["captions.jsonl"]
+
+
+def test_item_keys_fold_each_index_in_turn():
+  key = jax.random.key(3)
+  want = jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, 4), 1))
+  np.testing.assert_array_equal(shares.item_keys(3, [(4, 1)])[0], want)
+  np.testing.assert_array_equal(shares.item_keys(3, [7])[0],
+                                jax.random.key_data(jax.random.fold_in(key, 7)))

@@ -51,7 +51,8 @@ def test_scores_against_the_pytorch_likelihood(tmp_path_factory, tmp_path):
   params, _ = run.params(None, "ema")
   model = run.model(params)
   records = U.read_records(_benchmark(tmp_path))
-  result = U.score(run, model, records, batch_size=4)
+  result, _ = U.score(run, model, records, str(tmp_path / "u.json"), batch_size=4)
+  assert json.loads((tmp_path / "u.json").read_text()) == json.loads(json.dumps(result))
   s = result["summary"]
   assert (s["records"], s["scored"], s["unreadable"]) == (4, 3, 1) and "broken.png" in s["unreadable_files"][0]
   assert s["multiple_choice"]["n"] == 2 and s["multiple_choice"]["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)

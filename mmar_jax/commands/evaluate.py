@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from mmar_jax import startup
 from mmar_jax.commands import figures
 from mmar_jax.data import shapes
 from mmar_jax.errors import ConfigError
@@ -159,7 +160,7 @@ def print_report(report: dict, workdir) -> None:
 
 
 def cli_eval(args) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # orbax's import set absl's handler
+  startup.log_to_console(quiet=())
   report = evaluate(args.workdir, step=args.step, params=args.params,
                     overrides=args.config_overrides)
   print_report(report, args.workdir)

@@ -25,19 +25,15 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from etils import epath
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from mmar_jax.commands.sample_files import read_prompts
+from mmar_jax.commands.sample_files import read_prompts, sampling_kwargs
 from mmar_jax.data.text_tokenizer import encode_prompts
 from mmar_jax.errors import InputError
 from mmar_jax.files import remove_temporaries, write_bytes_atomic
 from mmar_jax.parallel import distributed, shares
-from mmar_jax.parallel.shares import global_rows
 from mmar_jax.sample.image import generate_tokens, split_model
 from mmar_jax.sample.io import png_bytes
 
@@ -46,21 +42,12 @@ def image_name(prompt_index: int, draw: int) -> str:
   return f"{prompt_index:06d}_{draw:02d}.png"
 
 
-def row_sharding(mesh, batch_size: int):
-  """Rows over the mesh's batch axes (data x fsdp, as training splits its batch) when they
-  divide the batch; replicated otherwise (each row then has one owner all the same)."""
-  axes = ("data", "fsdp")
-  split = int(np.prod([mesh.shape[a] for a in axes]))
-  return NamedSharding(mesh, P(axes) if batch_size % split == 0 else P())
-
-
 def compile_drawer(run, model, batch_size: int, *, guidance: bool, ar_steps: int = 64,
                    diffusion_steps: int = 100, sampler: str = "ddpm", cfg: float = 4.0,
-                   cfg_schedule: str = "linear", temperature: float = 1.0):
-  """(text, text_len, key data) global rows -> uint8 images [B, H, W, 3] on the same rows, one
-  program compiled ahead of its first call (see `generate_files` for why)."""
+                   cfg_schedule: str = "linear", temperature: float = 1.0) -> shares.RowProgram:
+  """(text, text_len, key data) global rows -> uint8 images [B, H, W, 3] on the same rows."""
+
   graphdef, state = split_model(model)
-  rows = row_sharding(run.trainer.mesh, batch_size)
 
   def draw(state, text, text_len, key_data):
     tokens, _ = generate_tokens((graphdef, state), text, text_len, jax.random.wrap_key_data(key_data),
@@ -72,32 +59,17 @@ def compile_drawer(run, model, batch_size: int, *, guidance: bool, ar_steps: int
     return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
   lt = run.model_cfg.max_text_len
-  shapes = (jax.ShapeDtypeStruct((batch_size, lt), jnp.int32, sharding=rows),
-            jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows),
-            jax.ShapeDtypeStruct((batch_size, 2), jnp.uint32, sharding=rows))
-  state_shardings = jax.tree.map(lambda a: a.sharding, state)
-  with run.context():
-    compiled = jax.jit(draw, in_shardings=(state_shardings, rows, rows, rows),
-                       out_shardings=rows).lower(state, *shapes).compile()
-  return lambda text, text_len, key_data: compiled(state, *(
-      _rows(x, rows) for x in (text, text_len, key_data)))
-
-
-def _rows(host, sharding):
-  return global_rows(host, sharding)
-
-
-def image_keys(seed: int, items) -> np.ndarray:
-  """uint32 [n, 2] key data of images (i, k): fold_in(fold_in(key(seed), i), k)."""
-  idx = np.asarray(items, np.int32).reshape(-1, 2)
-  fold = jax.vmap(lambda i, k: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), k))
-  return np.asarray(jax.random.key_data(fold(idx[:, 0], idx[:, 1])))
+  rows = (jax.ShapeDtypeStruct((batch_size, lt), jnp.int32),
+          jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+          jax.ShapeDtypeStruct((batch_size, 2), jnp.uint32))
+  return shares.RowProgram(draw, state, rows, run.trainer.mesh, run.context())
 
 
 def generate_files(run, model, prompts: list[str], out_dir: str, *, num_per_prompt: int = 1,
                    batch_size: int = 8, seed: int = 0, progress: bool = True, **sampling) -> dict:
   """Draws every (prompt, draw) image not yet in `out_dir` (module docstring); returns counts
   (`wait_s`: the seconds this process waited for the others at the end)."""
+
   out = epath.Path(out_dir)
   lead = jax.process_index() == 0
   if lead:  # before the others start writing (they wait in `agreed`)
@@ -118,7 +90,7 @@ def generate_files(run, model, prompts: list[str], out_dir: str, *, num_per_prom
   for chunk, padded in shares.batches(todo, batch_size):
     text, text_len = encode_prompts(run.tokenizer, [prompts[i] for i, _ in padded],
                                     run.model_cfg.max_text_len)
-    images = draw(text, text_len, image_keys(seed, padded))
+    images = draw(text, text_len, shares.item_keys(seed, padded))
     for row, image in shares.owned_rows(images):
       if row < len(chunk):  # the padding's repeats are dropped
         write_bytes_atomic(out / image_name(*chunk[row]), png_bytes(image))
@@ -149,8 +121,6 @@ def cli_generate_files(args, run, model, step) -> int:
           f"({args.params} weights) into {args.out_dir} on {jax.process_count()} process(es), "
           f"mesh {dict(run.trainer.mesh.shape)} ...", file=sys.stderr, flush=True)
   result = generate_files(run, model, prompts, args.out_dir, num_per_prompt=args.num_per_prompt,
-                          batch_size=args.batch_size, seed=args.seed, ar_steps=args.ar_steps,
-                          diffusion_steps=args.diffusion_steps, sampler=args.sampler, cfg=args.cfg,
-                          cfg_schedule=args.cfg_schedule, temperature=args.temperature)
+                          batch_size=args.batch_size, **sampling_kwargs(args))
   print(json.dumps(dict(result, process=jax.process_index())), flush=True)
   return 0

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import json
-import logging
 
 from mmar_jax import config as config_lib
+from mmar_jax import startup
 from mmar_jax.data.prepare import prepare
 from mmar_jax.parallel import distributed
 
@@ -28,9 +28,7 @@ def add_args(p):
 
 def cli_prepare_data(args) -> int:
   distributed.join(args)  # before any other JAX call
-  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # orbax's import set absl's handler
-  for noisy in ("absl", "orbax", "jax._src"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  startup.log_to_console()
   config = config_lib.apply_overrides(config_lib.load_file(args.config), args.config_overrides)
   meta, here = prepare(config, args.src, args.out, records_per_shard=args.records_per_shard,
                        batch_size=args.batch_size, threads=args.threads, overwrite=args.overwrite)

@@ -4,9 +4,9 @@ picture here; many per process start with `--prompts` / `--images`: sample_files
 Both read the stored config (WORKDIR/config.json), the workdir's tokenizer and, by default, the
 EMA weights of the latest checkpoint; `--step` and `--params raw` choose others. The model runs
 on `--mesh` if given, else on every device present (fsdp axis: parallel/mesh.sampling_overrides),
-not on the training run's mesh. `--prompts` also runs across the processes of a pod (`--coordinator`,
-or the environment `train` reads: parallel/distributed.py); one prompt, and captioning, run in one
-process.
+not on the training run's mesh. `--prompts` and `--images` also run across the processes of a pod (`--coordinator`,
+or the environment `train` reads: parallel/distributed.py), the SPMD way (generate_files.py,
+sample_files.py); one prompt and one picture run in one process.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ import jax
 from etils import epath
 
 from mmar_jax.commands.generate_files import cli_generate_files
-from mmar_jax.commands.sample_files import cli_caption_files, image_inputs, read_prompts
+from mmar_jax.commands.sample_files import (add_checkpoint_args, add_sampling_args,
+                                            cli_caption_files, image_inputs, open_run, read_prompts)
 from mmar_jax.errors import ConfigError
 from mmar_jax.parallel import distributed
 from mmar_jax.parallel.distributed import add_arguments
-from mmar_jax.parallel.mesh import sampling_overrides
-from mmar_jax.run import Run
 from mmar_jax.sample import image as gen
 from mmar_jax.sample import io as sio
 from mmar_jax.sample import text as txt
+from mmar_jax.sample.io import check_writable
 
 
 def add_generate_args(p):
@@ -40,14 +40,7 @@ def add_generate_args(p):
   p.add_argument("--out-dir", default=None, help="with --prompts: PNGs and index.jsonl")
   p.add_argument("--num-per-prompt", type=int, default=1, help="with --prompts: draws per prompt")
   p.add_argument("--batch-size", type=int, default=8, help="with --prompts: images per batch")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
-  p.add_argument("--cfg-schedule", default="linear", choices=("linear", "constant"))
-  p.add_argument("--ar-steps", type=int, default=64, help="masked-autoregressive steps K")
-  p.add_argument("--diffusion-steps", type=int, default=100)
-  p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
-  p.add_argument("--temperature", type=float, default=1.0)
-  _checkpoint_args(p)
+  add_sampling_args(p)
   p.add_argument("--overwrite", action="store_true", help="replace existing output files")
   add_arguments(p)
 
@@ -59,30 +52,21 @@ def add_caption_args(p):
   src.add_argument("--images", help="many pictures: a folder, a glob or a JSONL (`image` key); "
                                     "with --out")
   p.add_argument("--out", default=None, help="with --images: the captions, one JSON line each")
+  p.add_argument("--overwrite", action="store_true",
+                 help="with --images: replace an existing --out (and start over)")
   p.add_argument("--batch-size", type=int, default=8, help="with --images: pictures per batch")
   p.add_argument("--question", default=None, help="a question about the image (VQA)")
   p.add_argument("--max-tokens", type=int, default=64)
   p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: greedy)")
   p.add_argument("--seed", type=int, default=0)
-  _checkpoint_args(p)
+  add_checkpoint_args(p)
   add_arguments(p)
-
-
-def _checkpoint_args(p):
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  p.add_argument("--params", default="ema", choices=("ema", "raw"))
-
-
-def _open(args):
-  """(Run, (graphdef, params), step) of the workdir the arguments name."""
-  run = Run(args.workdir, sampling_overrides(args.config_overrides))
-  params, step = run.params(args.step, args.params)
-  return run, (run.trainer.graphdef, params), step
 
 
 def _join(args, spread: bool, why: str):
   """Joins a multi-process run (before any other JAX call); a command that does not spread its
   inputs over the processes refuses one, saying `why`."""
+
   distributed.join(args)
   if not spread and jax.process_count() > 1:
     raise ConfigError(f"{why} (this run has {jax.process_count()} processes)")
@@ -97,13 +81,13 @@ def cli_generate(args) -> int:
 
   if many:
     read_prompts(args.prompts, args.prompt_key)  # a bad file fails before the (slow) model load
-    run, model, step = _open(args)
+    run, model, step = open_run(args)
     return cli_generate_files(args, run, model, step)
   if args.num < 1:
     print(f"mmar-jax: error: --num must be >= 1, got {args.num}", file=sys.stderr)
     return 2
   sio.check_writable(sio.sample_paths(args.out, args.num), args.overwrite)
-  run, model, step = _open(args)
+  run, model, step = open_run(args)
   prompts = [args.prompt] * args.num if args.prompt else None
   print(f"generating {args.num} image(s) from step {step} ({args.params} weights), "
         f"{args.ar_steps} AR steps x {args.diffusion_steps} {args.sampler} steps ...",
@@ -121,18 +105,20 @@ def cli_generate(args) -> int:
 
 
 def cli_caption(args) -> int:
-  _join(args, False, "caption runs in one process")
+  _join(args, args.images is not None,
+        "one picture runs in one process; --images spreads many over the processes")
 
   if args.images is not None:
     if not args.out:
       print("mmar-jax: error: --images needs --out FILE.jsonl", file=sys.stderr)
       return 2
     image_inputs(args.images, args.question)  # before the (slow) model load
-    run, model, _ = _open(args)
-    return cli_caption_files(args, run, model)
+    check_writable([args.out], args.overwrite)  # also here: every process stops alike
+    run, model, step = open_run(args)
+    return cli_caption_files(args, run, model, step)
   if not epath.Path(args.image).exists():  # before the (slow) model load
     raise FileNotFoundError(f"image not found: {args.image}")
-  run, model, _ = _open(args)
+  run, model, _ = open_run(args)
   try:
     image = sio.load_image(args.image, run.model_cfg.image["size"])
   except ValueError as e:  # an unreadable picture: a bad input, not a crash

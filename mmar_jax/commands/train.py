@@ -4,11 +4,11 @@ the demo evaluate the final EMA weights (commands/evaluate.py)."""
 from __future__ import annotations
 
 import json
-import logging
 
 import jax
 from etils import epath
 
+from mmar_jax import startup
 from mmar_jax.commands.evaluate import evaluate, not_applicable, print_report
 from mmar_jax.parallel import distributed
 from mmar_jax.train.loop import train
@@ -20,9 +20,7 @@ def cli_train(args) -> int:
   distributed.maybe_initialize(distributed.with_flags(
       getattr(args, "coordinator", None), getattr(args, "num_processes", None),
       getattr(args, "process_id", None)))
-  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # orbax's import set absl's handler
-  for noisy in ("absl", "orbax", "jax._src"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  startup.log_to_console()
   config = resolve_config(args.workdir, args.config, args.config_overrides)
   train(config, args.workdir)
   if config.eval.at_end and jax.process_index() == 0 and not _evaluated(args.workdir, config.steps):

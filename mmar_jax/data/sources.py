@@ -60,10 +60,14 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
       im.load()  # decodes now, so a truncated file fails here and not later
       rgb = im.convert("RGB")
   except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-    # Without the buffer's address PIL names: a record's bytes must not depend on the run.
-    why = re.sub(r" at 0x[0-9a-fA-F]+", "", str(e))
-    raise BadRecord(f"not a readable image ({type(e).__name__}: {why})") from None
+    raise BadRecord(f"not a readable image ({image_error(e)})") from None
   return np.asarray(center_crop_arr(rgb, size), np.uint8)
+
+
+def image_error(e: Exception) -> str:
+  """Why PIL could not read a picture, without the buffer's address it names: an output that
+  records it must not depend on the run."""
+  return f"{type(e).__name__}: " + re.sub(r" at 0x[0-9a-fA-F]+", "", str(e))
 
 
 def array_image(array, size: int) -> np.ndarray:

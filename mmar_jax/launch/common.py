@@ -21,6 +21,43 @@ def q(value) -> str:
   return shlex.quote(str(value))
 
 
+# The commands a launcher runs on every process of a run: training, and the many-item jobs that
+# spread over the processes (their flags follow `--`; see split_command).
+JOBS = ("prepare-data", "generate", "caption", "eval")
+
+
+def split_command(argv) -> tuple[list[str], list[str] | None]:
+  """(launcher arguments, the job after `--` or None for training). A job brings its own flags
+  (its --workdir, --mesh, ...), so the launcher's training flags do not go with it."""
+  argv = list(argv)
+  if "--" not in argv:
+    return argv, None
+  cut = argv.index("--")
+  job = argv[cut + 1:]
+  if not job or job[0] not in JOBS:
+    raise LaunchError(f"after `--` give the command every process runs, one of {', '.join(JOBS)} "
+                      f"(got {' '.join(job) or 'nothing'}); train takes the launcher's own "
+                      f"--config and --workdir, without `--`")
+  return argv[:cut], job
+
+
+def job_name(command: list[str]) -> str:
+  """`train`, `prepare-data`, `eval fid`: a command as a log line names it."""
+  return " ".join(command[:2 if command[0] == "eval" else 1])
+
+
+def check_job_flags(args, job, flags=("config", "workdir", "mesh", "mesh_dcn")):
+  """A job's flags belong after `--`; training's launcher flags with a job are a mistake."""
+  given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f, None)]
+  if job is None:
+    missing = [f"--{f}" for f in ("config", "workdir") if not getattr(args, f, None)]
+    if missing:
+      raise LaunchError(f"training needs {' and '.join(missing)} (or give a job after `--`)")
+  elif given:
+    raise LaunchError(f"{', '.join(given)}: with a job after `--`, give its flags there "
+                      f"(mmar-jax {job[0]} {' '.join(given)} ...)")
+
+
 def split_overrides(argv):
   """(other arguments, [(key, value)]) for `--config.key=value` pass-through."""
   try:

@@ -12,6 +12,11 @@
 
 Both check that the mesh (x mesh_dcn) covers nodes x GPUs per node exactly, and that the workdir
 is one every node sees (an absolute path on a shared filesystem, or gs://).
+
+Another job than training runs the same way with its command and flags after `--`
+(`launch/slurm.sh --nodes 4 --gpus-per-node 8 -- prepare-data --config ... --src ... --out ...`):
+every process runs `mmar-jax JOB...` and takes its share; the job's mesh is every GPU unless it
+says `--mesh`.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ TIME_RE = re.compile(r"(\d+-)?\d+(:\d{2}){0,2}")
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m mmar_jax.launch.gpu", description=__doc__.splitlines()[0],
-      epilog="Other --config.key=value arguments pass on to mmar-jax train.")
+      epilog="Other --config.key=value arguments pass on to mmar-jax train. Another job: its "
+             "command and flags after `--` (prepare-data, generate, caption, eval).")
   sub = p.add_subparsers(dest="kind", required=True)
   slurm = sub.add_parser("slurm", help="submit launch/slurm.sbatch with sbatch")
   slurm.add_argument("--nodes", type=int, required=True)
@@ -51,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
   for s in (slurm, multi):
     s.add_argument("--gpus-per-node", type=int, required=True)
     s.add_argument("--port", type=int, default=12355, help="the coordinator's port")
-    s.add_argument("--config", required=True, help="config file[:variant]")
-    s.add_argument("--workdir", required=True, help="absolute shared path, or gs://BUCKET/PATH")
+    s.add_argument("--config", default=None, help="config file[:variant]")
+    s.add_argument("--workdir", default=None, help="absolute shared path, or gs://BUCKET/PATH")
     s.add_argument("--mesh", default=None, help="data,fsdp,tensor")
     s.add_argument("--mesh-dcn", default=None, help="data,fsdp,tensor across nodes")
     s.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -63,12 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 class Plan:
   nodes: int
   gpus_per_node: int
-  train_args: list[str]
-  mesh: tuple[int, ...]
-  mesh_dcn: tuple[int, ...]
+  command: list[str]  # `mmar-jax` arguments, as every process gets them (train or a job)
+  mesh: tuple[int, ...] | None  # the training mesh; None for a job (it chooses its own)
+  mesh_dcn: tuple[int, ...] | None
 
 
-def validate(args, overrides) -> Plan:
+def validate(args, overrides, job: list[str] | None = None) -> Plan:
+  common.check_job_flags(args, job)
   nodes = args.nodes if args.kind == "slurm" else len(_hosts(args.hosts))
   if nodes < 1 or args.gpus_per_node < 1:
     raise LaunchError("--nodes and --gpus-per-node must be at least 1")
@@ -76,6 +83,10 @@ def validate(args, overrides) -> Plan:
     raise LaunchError(f"--time {args.time!r}: SLURM takes MINUTES, HH:MM:SS or DAYS-HH:MM:SS")
   if not 1024 <= args.port <= 65535:
     raise LaunchError(f"--port {args.port}: use a free port in 1024..65535")
+  if job is not None:
+    if overrides:
+      raise LaunchError("--config.key=value with a job: give it after `--`")
+    return Plan(nodes, args.gpus_per_node, job, None, None)
   _check_workdir(args.workdir)
   cfg = common.load_run_config(args.config, overrides, args.mesh, args.mesh_dcn)
   dcn = _dcn(cfg.mesh_dcn, nodes)
@@ -89,7 +100,8 @@ def validate(args, overrides) -> Plan:
     train += ["--mesh", args.mesh]
   if args.mesh_dcn:
     train.append(f"--config.mesh_dcn={args.mesh_dcn}")
-  return Plan(nodes, args.gpus_per_node, train + common.override_args(overrides), ici, dcn)
+  return Plan(nodes, args.gpus_per_node, ["train", *train, *common.override_args(overrides)], ici,
+              dcn)
 
 
 def _config_arg(spec: str) -> str:
@@ -136,6 +148,8 @@ def _check_workdir(workdir: str):
 
 
 def _meshes(plan: Plan) -> str:
+  if plan.mesh is None:
+    return f"mmar-jax {common.job_name(plan.command)}"
   return (f"mesh {','.join(map(str, plan.mesh))}, "
           f"mesh_dcn {','.join(map(str, plan.mesh_dcn))}")
 
@@ -153,7 +167,7 @@ def slurm_script(args, plan: Plan) -> common.Script:
   s.comment("One task per node; slurm.sbatch sets MMAR_COORDINATOR/NUM_PROCESSES/PROCESS_ID.")
   s.add(f"mkdir -p {q(common.REPO / args.log_dir)}",
         " ".join(["sbatch", *map(q, options), q(common.REPO / "launch" / "slurm.sbatch"),
-                  *map(q, plan.train_args)]))
+                  *map(q, plan.command)]))
   return s
 
 
@@ -167,8 +181,8 @@ def multinode_script(args, plan: Plan) -> common.Script:
   for i, host in reversed(list(enumerate(hosts))):
     env = (f"MMAR_COORDINATOR={coordinator} MMAR_NUM_PROCESSES={len(hosts)} "
            f"MMAR_PROCESS_ID={i}")
-    remote = " ".join([f"cd {q(args.remote_dir)} &&", env, q(args.python), "-m mmar_jax train",
-                       *map(q, plan.train_args)])
+    remote = " ".join([f"cd {q(args.remote_dir)} &&", env, q(args.python), "-m mmar_jax",
+                       *map(q, plan.command)])
     log = q(f"{args.log_dir}/{host.split('@')[-1]}.log")
     if i:
       s.add(f"ssh {q(host)} {q(remote)} > {log} 2>&1 &", 'pids="$pids $!"')
@@ -179,9 +193,10 @@ def multinode_script(args, plan: Plan) -> common.Script:
 
 
 def run(argv) -> int:
+  argv, job = common.split_command(argv)
   rest, overrides = common.split_overrides(argv)
   args = build_parser().parse_args(rest)
-  plan = validate(args, overrides)
+  plan = validate(args, overrides, job)
   build = slurm_script if args.kind == "slurm" else multinode_script
   return common.finish(build(args, plan), args.dry_run)
 

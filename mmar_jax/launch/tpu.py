@@ -1,7 +1,13 @@
-"""`launch/tpu.sh`: train on a Cloud TPU slice, or several slices over DCN, with one command.
+"""`launch/tpu.sh`: train on a Cloud TPU slice, or several slices over DCN, with one command;
+or run another job on every host of a slice (prepare-data, generate --prompts, eval fid, ...).
 
     launch/tpu.sh --name mmar --zone us-east5-a --accelerator-type v5p-64 --spot \\
         --config configs/qwen2_7b.py --workdir gs://BUCKET/runs/7b [--mesh 1,32,1] [--dry-run]
+    launch/tpu.sh --name mmar --zone us-east5-a --accelerator-type v5p-64 --keep [--dry-run] \\
+        -- eval fid --workdir gs://BUCKET/runs/7b --prompts gs://BUCKET/coco_30k.txt ...
+
+A job after `--` runs as `mmar-jax JOB...` on every worker (its own flags; its mesh is every chip
+of the slice unless it says `--mesh`); the steps below are the same.
 
 The launcher checks its arguments (accelerator type, zone, the config's mesh against the slice,
 the workdir), then runs one bash script, which `--dry-run` prints instead:
@@ -38,7 +44,8 @@ GS_RE = re.compile(r"gs://[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9](/.*)?")
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="launch/tpu.sh", description=__doc__.splitlines()[0],
-      epilog="Other --config.key=value arguments pass on to mmar-jax train.")
+      epilog="Other --config.key=value arguments pass on to mmar-jax train. Another job: its "
+             "command and flags after `--` (prepare-data, generate, caption, eval).")
   p.add_argument("--name", required=True, help="TPU (or queued resource) name")
   p.add_argument("--zone", required=True, help="e.g. us-east5-a")
   p.add_argument("--accelerator-type", required=True, help="e.g. v5p-64, v5litepod-256, v6e-16")
@@ -49,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--queued", action="store_true", help="create through a queued resource")
   p.add_argument("--project", default=None)
   p.add_argument("--runtime-version", default=None, help="TPU VM software (default per generation)")
-  p.add_argument("--config", required=True, help="config file[:variant] inside this repository")
-  p.add_argument("--workdir", required=True, help="gs://BUCKET/PATH (needed with several hosts)")
+  p.add_argument("--config", default=None, help="config file[:variant] inside this repository")
+  p.add_argument("--workdir", default=None, help="gs://BUCKET/PATH (needed with several hosts)")
   p.add_argument("--mesh", default=None, help="data,fsdp,tensor within a slice")
   p.add_argument("--mesh-dcn", default=None, help="data,fsdp,tensor across slices")
   p.add_argument("--python-version", default="3.11", help="Python on the workers (uv installs it)")
@@ -69,9 +76,9 @@ class Plan:
   queued: bool
   tier: str | None  # spot | preemptible | None
   runtime_version: str
-  train_args: list[str]  # `mmar-jax train` arguments, as the workers get them
-  ici: tuple[int, ...]
-  dcn: tuple[int, ...]
+  command: list[str]  # `mmar-jax` arguments, as the workers get them (train or a job)
+  ici: tuple[int, ...] | None  # the training mesh; None for a job (it chooses its own)
+  dcn: tuple[int, ...] | None
   python_version: str
   keep: bool
 
@@ -84,8 +91,9 @@ class Plan:
     return self.num_slices > 1
 
 
-def validate(args, overrides) -> Plan:
+def validate(args, overrides, job: list[str] | None = None) -> Plan:
   """Every check that can fail before anything is created."""
+  common.check_job_flags(args, job)
   if not NAME_RE.fullmatch(args.name):
     raise LaunchError(f"--name {args.name!r}: lower-case letters, digits and '-', starting with a "
                       f"letter, at most 52 characters")
@@ -100,20 +108,24 @@ def validate(args, overrides) -> Plan:
     raise LaunchError("--preemptible exists for `tpu-vm create` only; queued resources "
                       "(--queued, --num-slices > 1) take --spot")
   tier = "spot" if args.spot else "preemptible" if args.preemptible else None
-  _check_workdir(args.workdir, tpu.hosts * args.num_slices, tier)
   if not re.fullmatch(r"3\.(1[1-9]|[2-9]\d)", args.python_version):
     raise LaunchError(f"--python-version {args.python_version}: jax 0.10 needs 3.11 or newer")
+  plan = dict(name=args.name, zone=args.zone, project=args.project, slice=tpu,
+              num_slices=args.num_slices, queued=queued, tier=tier,
+              runtime_version=args.runtime_version or tpu.generation.runtime_version,
+              python_version=args.python_version, keep=args.keep)
+  if job is not None:
+    if overrides:
+      raise LaunchError("--config.key=value with a job: give it after `--`")
+    return Plan(command=job, ici=None, dcn=None, **plan)
+  _check_workdir(args.workdir, tpu.hosts * args.num_slices, tier)
   train_args = _train_args(args, overrides)  # the config must be one the workers get
   cfg = common.load_run_config(args.config, overrides, args.mesh, args.mesh_dcn)
   ici = common.resolve_axes(cfg.mesh, tpu.chips, "mesh", f"a {tpu.describe()} slice")
   dcn = common.resolve_axes(cfg.mesh_dcn, args.num_slices, "mesh_dcn",
                             "the run (--num-slices)", unit="slices")
   common.check_batch(cfg, ici, dcn, tpu.hosts * args.num_slices)
-  return Plan(name=args.name, zone=args.zone, project=args.project, slice=tpu,
-              num_slices=args.num_slices, queued=queued, tier=tier,
-              runtime_version=args.runtime_version or tpu.generation.runtime_version,
-              train_args=train_args, ici=ici, dcn=dcn,
-              python_version=args.python_version, keep=args.keep)
+  return Plan(command=["train", *train_args], ici=ici, dcn=dcn, **plan)
 
 
 def _check_workdir(workdir: str, hosts: int, tier: str | None):
@@ -238,14 +250,15 @@ def _install(plan: Plan, s: common.Script):
         _on_workers(plan, remote))
 
 
-def _train(plan: Plan, s: common.Script):
-  start = " ".join([f"bash {WORKER} start", *map(q, plan.train_args)])
-  s.comment("The same mmar-jax train on every worker, in the background (MMAR_DISTRIBUTED=auto);")
-  s.comment("worker 0's log streams here until training ends.")
+def _run(plan: Plan, s: common.Script):
+  start = " ".join([f"bash {WORKER} start", *map(q, plan.command)])
+  name = common.job_name(plan.command)
+  s.comment(f"The same mmar-jax {name} on every worker, in the background (MMAR_DISTRIBUTED=auto);")
+  s.comment(f"worker 0's log streams here until {'training' if name == 'train' else 'it'} ends.")
   s.add(_on_workers(plan, start),
         _on_workers(plan, f"bash {WORKER} stream", worker="0"),
         f"rc=$({_on_workers(plan, f'bash {WORKER} status', worker='0')} | tail -n 1)",
-        'echo "mmar-jax train exited with status $rc"')
+        f'echo "mmar-jax {name} exited with status $rc"')
 
 
 def _release(plan: Plan, s: common.Script):
@@ -260,20 +273,25 @@ def _release(plan: Plan, s: common.Script):
 
 
 def script(plan: Plan) -> common.Script:
-  s = common.Script(f"mmar-jax on {plan.num_slices} x {plan.slice.describe()}: mesh "
-                    f"{','.join(map(str, plan.ici))}, mesh_dcn {','.join(map(str, plan.dcn))}")
+  if plan.ici is None:
+    title = f"mmar-jax {common.job_name(plan.command)} on {plan.num_slices} x {plan.slice.describe()}"
+  else:
+    title = (f"mmar-jax on {plan.num_slices} x {plan.slice.describe()}: mesh "
+             f"{','.join(map(str, plan.ici))}, mesh_dcn {','.join(map(str, plan.dcn))}")
+  s = common.Script(title)
   _pack(plan, s)
   (_acquire_queued if plan.queued else _acquire_vm)(plan, s)
   _install(plan, s)
-  _train(plan, s)
+  _run(plan, s)
   _release(plan, s)
   return s
 
 
 def run(argv) -> int:
+  argv, job = common.split_command(argv)
   rest, overrides = common.split_overrides(argv)
   args = build_parser().parse_args(rest)
-  plan = validate(args, overrides)
+  plan = validate(args, overrides, job)
   return common.finish(script(plan), args.dry_run)
 
 

@@ -17,6 +17,7 @@ from etils import epath
 from PIL import Image
 
 from mmar_jax.data.preprocess import center_crop_arr, to_model_range
+from mmar_jax.data.sources import image_error
 from mmar_jax.files import write_bytes_atomic
 
 
@@ -86,6 +87,7 @@ def save_samples(out, images: np.ndarray, overwrite: bool = False) -> list[epath
 def load_image(path, size: int) -> np.ndarray:
   """A picture file -> float32 [size, size, 3] in [-1, 1]: RGB, and when it is not already
   size x size, MAR's resize of the short side and centre crop (preprocess.center_crop_arr)."""
+
   p = epath.Path(path)
   if not p.exists():
     raise FileNotFoundError(f"image not found: {path}")
@@ -93,7 +95,7 @@ def load_image(path, size: int) -> np.ndarray:
     img = Image.open(io.BytesIO(p.read_bytes()))
     img.load()
   except Exception as e:  # noqa: BLE001 - PIL raises many kinds; the message names the file
-    raise ValueError(f"cannot read image {path}: {e}") from None
+    raise ValueError(f"cannot read image {path}: {image_error(e)}") from None
   img = img.convert("RGB")
   if img.size != (size, size):
     img = center_crop_arr(img, size)

@@ -106,14 +106,16 @@ def _top_p_one(key, logits, top_p):
   return jax.random.categorical(key, jnp.where(keep, logits, -jnp.inf))
 
 
-def _row_keys(key, b: int, i):
-  """Key of row b's i-th generated token: independent of the batch a row is decoded in."""
-  return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r), i))(jnp.arange(b))
+def row_keys(key, b: int):
+  """One key per row of a batch: fold_in(key, row)."""
+  return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(b))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_tokens", "sample"))
-def _caption(graphdef, state, images, question, question_len, key, top_p, eos_id, pad_id, *,
-             max_tokens, sample):
+def caption_ids(graphdef, state, images, question, question_len, keys, top_p, eos_id, pad_id, *,
+                max_tokens, sample):
+  """The captioning program (traced inside a caller's jit): ids [B, max_tokens] and stats. Token
+  i of row b is drawn with fold_in(keys[b], i), so it depends on the row's own key only, not on
+  the batch the row is decoded in."""
   model = nnx.merge(graphdef, state)
   mc = model.cfg
   b = images.shape[0]
@@ -127,12 +129,15 @@ def _caption(graphdef, state, images, question, question_len, key, top_p, eos_id
   p = ids.shape[1]
   cache = model.backbone.init_cache(b, p + max_tokens)
   hidden, cache = model.backbone(x, pos, seg, blk, cache=cache, cache_index=0)
-  choose = lambda h, i: select_tokens(model.backbone.logits(h),
-                                      _row_keys(key, b, i) if sample else None, top_p,
-                                      mc.text_vocab)
+  token_keys = lambda i: jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+  choose = lambda h, i: select_tokens(model.backbone.logits(h), token_keys(i) if sample else None,
+                                      top_p, mc.text_vocab)
   out, passes = decode(model.backbone, hidden, cache, pos, blk, choose, max_new=max_tokens,
                        eos_id=eos_id, pad_id=pad_id)
   return out, dict(backbone_passes=passes, prefix_len=jnp.asarray(p, jnp.int32))
+
+
+_caption = jax.jit(caption_ids, static_argnames=("graphdef", "max_tokens", "sample"))
 
 
 def caption_tokens(model, images, question, question_len, key=None, *, max_tokens: int = 64,
@@ -149,7 +154,8 @@ def caption_tokens(model, images, question, question_len, key=None, *, max_token
     raise ValueError("top-p sampling needs a key")
   return _caption(graphdef, state, jnp.asarray(images, jnp.float32),
                   jnp.asarray(question, jnp.int32), jnp.asarray(question_len, jnp.int32),
-                  typed_key(key if key is not None else jax.random.key(0)),
+                  row_keys(typed_key(key if key is not None else jax.random.key(0)),
+                           images.shape[0]),
                   jnp.asarray(top_p if sample else 1.0, jnp.float32),
                   jnp.asarray(mc.eos_id if eos_id is None else eos_id, jnp.int32),
                   jnp.asarray(mc.pad_id if pad_id is None else pad_id, jnp.int32),
