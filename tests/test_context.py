@@ -138,6 +138,7 @@ def test_nearest_neighbour_mse_against_hand_values():
   assert got["lit"]["tokens"] == 1 and got["lit"]["nn_mse"] == pytest.approx(0.5)
 
 
+@pytest.mark.slow  # a trained run + the command; by default the in-process context tests check its parts
 def test_diagnose_context_command_on_a_workdir(tmp_path, capsys):
   from helpers_train import train_here
   from mmar_jax.cli import main

@@ -97,6 +97,7 @@ def test_each_switch_alone_equals_the_full_computation(case, switch):
       params, prep, counts))
 
 
+@pytest.mark.slow  # by default: one device here, and test_train's meshes
 def test_compact_loss_on_a_mesh_of_8(case, cpu_devices):
   """The same prepared batch, sharded over 8 devices (data axis), against one device's full
   computation."""

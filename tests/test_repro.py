@@ -12,12 +12,14 @@ from mmar_jax.repro import checks
 ONE_DEVICE = tiny_config(("mesh", "1,1,1"))  # the check is per mesh: one keeps it cheap
 
 
+@pytest.mark.slow  # minutes cold; by default determinism is checked by repro golden's and generate's byte tests
 def test_determinism_passes_and_fails_with_another_seed():
   assert checks.check_determinism(ONE_DEVICE, steps=2).status == "pass"
   bad = checks.check_determinism(ONE_DEVICE, steps=2, seed_b=1)
   assert bad.status == "fail" and bad.value > 0
 
 
+@pytest.mark.slow  # minutes cold; by default test_checkpoint's resume test checks resuming
 def test_resume_passes_and_fails_when_a_batch_is_skipped():
   assert checks.check_resume(ONE_DEVICE, steps=4).status == "pass"
   assert checks.check_resume(ONE_DEVICE, steps=4, skip_batch=True).status == "fail"

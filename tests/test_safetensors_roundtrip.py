@@ -126,6 +126,7 @@ def test_imported_workdir_holds_the_source_ema_as_a_fresh_run_at_its_step(straig
 # -- (c) train and sample from it ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # minutes cold; by default the bit-identical round trip is checked
 def test_train_resumes_and_generate_samples_from_the_imported_workdir(imported, tmp_path):
   from mmar_jax import cli
   wd = str(tmp_path / "run")

@@ -403,6 +403,7 @@ def _pngs(directory) -> dict:
   return {p.name: p.read_bytes() for p in sorted(directory.glob("*.png"))}
 
 
+@pytest.mark.slow  # by default the row program is checked by caption --images and generate's bytes
 def test_generate_prompts_file_same_bytes_whatever_the_batch_size(workdir, tmp_path, capsys):
   import json
   prompts = _prompts_file(tmp_path)
