@@ -57,8 +57,9 @@ def test_analytic_activations_follow_remat_and_batch(cpu_devices):
   doubled = memory.activation_bytes(mcfg, cfg, tr.mesh)["total"]
   assert doubled == pytest.approx(2 * base["total"], rel=1e-6)
   per_layer = {p: memory._layer_bytes(1000, 896, 14, 2, 64, 4864, 386, 1, 2, p)
-               for p in ("full", "dots_no_batch", "dots", "none")}
-  assert per_layer["full"] < per_layer["dots_no_batch"] < per_layer["dots"] < per_layer["none"]
+               for p in ("full", "attention", "dots_no_batch", "dots", "none")}
+  assert (per_layer["full"] < per_layer["attention"] < per_layer["dots_no_batch"] < per_layer["dots"]
+          < per_layer["none"])
 
 
 def test_abstract_batch_is_what_the_pipeline_makes(cpu_devices):
