@@ -5,14 +5,11 @@ the roofline time max(FLOPs / peak, bytes / HBM bandwidth), the MFU that rooflin
 model's analytic FLOPs, train/flops.py, over roofline time x peak) and the ten largest fusion
 outputs of the compiled program.
 
-XLA's cost analysis counts the body of a `lax.scan` once, and the step scans its layers (backbone,
-ViT, diffusion head). So the cost is counted on two other programs compiled for the same devices,
-mesh, rules, batch, remat policy and attention: the whole step with every loop unrolled and the
-backbone cut to one layer (everything but L - 1 backbone layers, counted exactly), and the backbone
-alone, forward and backward with 2 and with 1 layer, whose difference is one layer:
-cost(L) = cost(step, 1 layer) + (L - 1) x (cost(backbone, 2) - cost(backbone, 1)).
-The backbone compiles take seconds; a second whole-step compile (2 layers) took as long as the
-first. Collectives and their overlap are not modelled: the roofline is a lower bound on step time.
+XLA's cost analysis counts the body of a `lax.scan` once. The layers are scanned (and the step
+compiled with scan would count one layer of 24), so the cost comes from two more compiles with
+the layers unrolled and the backbone cut to 1 and 2 layers: cost(L) = cost(1) + (L - 1) x
+(cost(2) - cost(1)), the trip count applied to the compiler's own per-layer difference.
+Collectives and their overlap are not modelled: the roofline is a lower bound on step time.
 """
 
 from __future__ import annotations
@@ -22,15 +19,7 @@ import re
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding
-
-from mmar_jax.models.qwen2 import Qwen2
-from mmar_jax.parallel import sharding
-from mmar_jax.parallel.mesh import make_mesh
 
 # Per chip: dense bf16 peak FLOP/s, HBM bandwidth (bytes/s) and capacity (bytes), from each
 # generation's spec table in the Cloud TPU docs (checked Nov 2026).
@@ -83,60 +72,22 @@ def largest_fusions(hlo_text: str, top: int = 10) -> list[dict]:
   return sorted(found, key=lambda f: -f["output_bytes"])[:top]
 
 
-def backbone_layer_cost(config, mcfg, devices) -> tuple[float, float]:
-  """(FLOPs, bytes accessed) per device of one backbone layer, forward and backward, as the step
-  runs it: the difference of standalone 2- and 1-layer backbone compiles (everything else in
-  them, the final norm and the input's cotangent, cancels)."""
-  mesh = make_mesh(config.mesh, config.mesh_dcn, devices)
-  rules = config.sharding_rules
-  b, t = int(config.train.batch_size) // int(config.train.grad_accum), mcfg.seq_len
-  bb = mcfg.backbone
-  act = NamedSharding(mesh, sharding.spec_for((b, t, bb.hidden_size), ("batch", "length", "act_embed"),
-                                              mesh, rules, fsdp_fallback=False))
-  ids = NamedSharding(mesh, sharding.spec_for((b, t), ("batch", "length"), mesh, rules,
-                                              fsdp_fallback=False))
-  x = jax.ShapeDtypeStruct((b, t, bb.hidden_size), jnp.dtype(bb.compute_dtype), sharding=act)
-  i32 = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=ids)
+def layer_extrapolated_cost(config, devices, compile_step) -> dict:
+  """FLOPs and bytes of the whole step from unrolled 1- and 2-layer compiles (see above)."""
+  layers = int(config.model.backbone.num_layers)
   costs = []
   for n in (1, 2):
-    cfg = bb.replace(num_layers=n, scan_layers=False)
-    # Built abstractly outside the mesh, as train/step.py's `build` does (see jax_notes, Flax).
-    graph, state = nnx.split(nnx.eval_shape(lambda cfg=cfg: Qwen2(cfg, rngs=nnx.Rngs(0))))
-    shardings = sharding.named(mesh, sharding.param_specs(state, mesh, rules))
-    params = jax.tree.map(lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh),
-                          state.to_pure_dict(), shardings)
-    with jax.set_mesh(mesh), sharding.use_rules(rules):
-
-      def loss(params, x, ct, positions, seg, blk, graph=graph):
-        out, _ = nnx.merge(graph, params)(x, positions, seg, blk)
-        return jnp.sum(out.astype(jnp.float32) * ct.astype(jnp.float32))
-
-      t0 = time.perf_counter()
-      compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
-          params, x, x, i32, i32, i32).compile()
-      costs.append(compiled_cost(compiled))
-      print(f"cost: compiled the {n}-layer backbone in {time.perf_counter() - t0:.0f} s",
-            file=sys.stderr, flush=True)
+    small = copy.deepcopy(config)
+    small.model.backbone.num_layers = n
+    small.model.scan_layers = False
+    t0 = time.perf_counter()
+    costs.append(compiled_cost(compile_step(small, devices)[3]))
+    # Progress on stderr (stdout is the report's one line): each compile takes minutes.
+    print(f"cost: compiled the unrolled {n}-layer step in {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr, flush=True)
   (f1, b1), (f2, b2) = costs
-  return f2 - f1, b2 - b1
-
-
-def step_total_cost(config, mcfg, devices, compile_step) -> dict:
-  """FLOPs and bytes of the whole step (see the module's docstring); `compile_step(config,
-  devices)` is bench_memory's, returning the compiled program last."""
-  layers = int(config.model.backbone.num_layers)
-  small = copy.deepcopy(config)
-  small.model.backbone.num_layers = 1
-  small.model.scan_layers = False
-  t0 = time.perf_counter()
-  flops, nbytes = compiled_cost(compile_step(small, devices)[-1])
-  print(f"cost: compiled the unrolled 1-layer step in {time.perf_counter() - t0:.0f} s",
-        file=sys.stderr, flush=True)
-  layer_flops, layer_bytes = backbone_layer_cost(config, mcfg, devices)
-  return dict(flops=flops + (layers - 1) * layer_flops,
-              bytes_accessed=nbytes + (layers - 1) * layer_bytes,
-              method=f"unrolled 1-layer step + {layers - 1} x one backbone layer (standalone "
-                     f"2- minus 1-layer backbone)")
+  return dict(flops=f1 + (layers - 1) * (f2 - f1), bytes_accessed=b1 + (layers - 1) * (b2 - b1),
+              method=f"unrolled 1- and 2-layer compiles, layer difference x {layers - 1}")
 
 
 def roofline(flops: float, nbytes: float, model_flops: float, chip: dict) -> dict:

@@ -249,7 +249,7 @@ def step_cost(config, devices, tr, compiled, chip, total_bytes: int) -> dict:
   from mmar_jax.train.flops import train_step_flops
   gen, figures = chip
   t0 = time.perf_counter()
-  cost = bench_cost.step_total_cost(config, tr.model_cfg, devices, compile_step)
+  cost = bench_cost.layer_extrapolated_cost(config, devices, compile_step)
   model_flops = train_step_flops(tr.model_cfg, config) / len(devices)
   out = dict(chip=gen, **figures, **cost, model_flops=model_flops,
              **bench_cost.roofline(cost["flops"], cost["bytes_accessed"], model_flops, figures),
