@@ -62,6 +62,25 @@ def test_analytic_activations_follow_remat_and_batch(cpu_devices):
           < per_layer["none"])
 
 
+@pytest.mark.parametrize("config", ["configs/qwen2_0_5b.py", "configs/qwen2_7b.py"])
+def test_stage2_compiles_the_stage1_program(config):
+  """The README's recipe table compiles stage 1 only: stage 2 changes nothing but how the step
+  draws its mask ratio (a traced scalar), so no shape, remat policy, mesh or batch differs."""
+  from mmar_jax.config import load_file
+  flat = lambda c: dict(_flatten(c.to_dict()))
+  one, two = flat(load_file(os.path.join(ROOT, config + ":stage1"))), flat(
+      load_file(os.path.join(ROOT, config + ":stage2")))
+  assert {k for k in one.keys() | two.keys() if one.get(k) != two.get(k)} == {"loss.mask_ratio"}
+
+
+def _flatten(d, prefix=""):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
+
+
 def test_abstract_batch_is_what_the_pipeline_makes(cpu_devices):
   cfg, mcfg, tr, _ = _trainer("1,8,1")
   batch = memory.abstract_batch(cfg, mcfg, tr.batch_sharding)
