@@ -57,8 +57,41 @@ def test_analytic_activations_follow_remat_and_batch(cpu_devices):
   doubled = memory.activation_bytes(mcfg, cfg, tr.mesh)["total"]
   assert doubled == pytest.approx(2 * base["total"], rel=1e-6)
   per_layer = {p: memory._layer_bytes(1000, 896, 14, 2, 64, 4864, 386, 1, 2, p)
-               for p in ("full", "dots_no_batch", "dots", "none")}
-  assert per_layer["full"] < per_layer["dots_no_batch"] < per_layer["dots"] < per_layer["none"]
+               for p in ("full", "attention", "dots_no_batch", "dots", "none")}
+  assert (per_layer["full"] < per_layer["attention"] < per_layer["dots_no_batch"] < per_layer["dots"]
+          < per_layer["none"])
+
+
+@pytest.mark.parametrize("config", ["configs/qwen2_0_5b.py", "configs/qwen2_7b.py"])
+def test_stage2_compiles_the_stage1_program(config):
+  """The README's recipe table compiles stage 1 only: stage 2 changes nothing but how the step
+  draws its mask ratio (a traced scalar), so no shape, remat policy, mesh or batch differs."""
+  from mmar_jax.config import load_file
+  flat = lambda c: dict(_flatten(c.to_dict()))
+  one, two = flat(load_file(os.path.join(ROOT, config + ":stage1"))), flat(
+      load_file(os.path.join(ROOT, config + ":stage2")))
+  assert {k for k in one.keys() | two.keys() if one.get(k) != two.get(k)} == {"loss.mask_ratio"}
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_7b_v5p_variant_changes_remat_and_attention_only(stage):
+  """qwen2_7b.py:<stage>_v5p is the README's v5p-64 layout: the same run with remat=none and the
+  fused kernel, nothing else."""
+  from mmar_jax.config import load_file
+  base = dict(_flatten(load_file(os.path.join(ROOT, f"configs/qwen2_7b.py:{stage}")).to_dict()))
+  v5p = dict(_flatten(load_file(os.path.join(ROOT, f"configs/qwen2_7b.py:{stage}_v5p")).to_dict()))
+  assert {k for k in base if base[k] != v5p[k]} == {"model.remat", "model.attention"}
+  assert (v5p["model.remat"], v5p["model.attention"]) == ("none", "flash")
+  with pytest.raises(ValueError, match="stage1_v5p"):
+    load_file(os.path.join(ROOT, "configs/qwen2_7b.py:stage1_v6"))
+
+
+def _flatten(d, prefix=""):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
 
 
 def test_abstract_batch_is_what_the_pipeline_makes(cpu_devices):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
+import time
 
 import numpy as np
 
@@ -78,7 +80,11 @@ def layer_extrapolated_cost(config, devices, compile_step) -> dict:
     small = copy.deepcopy(config)
     small.model.backbone.num_layers = n
     small.model.scan_layers = False
+    t0 = time.perf_counter()
     costs.append(compiled_cost(compile_step(small, devices)[3]))
+    # Progress on stderr (stdout is the report's one line): each compile takes minutes.
+    print(f"cost: compiled the unrolled {n}-layer step in {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr, flush=True)
   (f1, b1), (f2, b2) = costs
   return dict(flops=f1 + (layers - 1) * (f2 - f1), bytes_accessed=b1 + (layers - 1) * (b2 - b1),
               method=f"unrolled 1- and 2-layer compiles, layer difference x {layers - 1}")

@@ -27,6 +27,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -142,13 +143,15 @@ def _layer_bytes(tokens: float, d: int, heads: int, kv: int, hd: int, mlp: int, 
   Counted per token: `none` keeps every intermediate (norms, q/k/v, attention output, the MLP's
   gate/up/product, residuals) and the fp32 attention scores and probabilities; `dots` the matmul
   outputs and the scores; `dots_no_batch` the matmul outputs against weights (q/k/v, o, gate, up,
-  down) and the layer input; `full` the layer input only. Heads and the MLP split over tensor."""
+  down) and the layer input; `attention` q, k, v, the attention output and the layer input;
+  `full` the layer input only. Heads and the MLP split over tensor."""
   qkv = (heads + 2 * kv) * hd / t
   scores = 2 * 4 * heads / t * length  # two fp32 [heads, length] rows per token
   per_token = {
       "none": c * (6 * d + qkv + heads * hd / t + 4 * mlp / t) + scores,
       "dots": c * (3 * d + qkv + heads * hd / t + 2 * mlp / t) + scores / 2,
       "dots_no_batch": c * (3 * d + qkv + 2 * mlp / t),
+      "attention": c * (d + qkv + heads * hd / t),
       "full": c * d,
   }[policy]
   return tokens * per_token
@@ -223,6 +226,8 @@ def memory_report(config, topology: str | None = None, cost: bool = True) -> dic
   t0 = time.perf_counter()
   tr, state, batch, compiled = compile_step(config, devices)
   compile_s = time.perf_counter() - t0
+  # Progress on stderr (stdout is the one JSON line): the cost's compiles take minutes more.
+  print(f"compiled the step for {label} in {compile_s:.0f} s", file=sys.stderr, flush=True)
   mem = compiled.memory_analysis()
   arg, out, tmp = (int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
                    int(mem.temp_size_in_bytes))

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mmar_jax.dtypes import get_dtype
 from mmar_jax.models import attention as attn
@@ -41,7 +42,7 @@ class Qwen2Config:
   compute_dtype: str = "bfloat16"
   param_dtype: str = "float32"
   scan_layers: bool = True
-  remat: str = "none"  # none | full | dots | dots_no_batch
+  remat: str = "none"  # none | full | dots | dots_no_batch | attention (REMAT_POLICIES)
   # einsum (ours, the reference) | cudnn (fused, GPU) | xla (jax.nn reference) | flash (Pallas
   # kernel, TPU) | flash_interpret (the same kernel interpreted; CPU). Decoding with a KV cache
   # uses einsum under the flash names (a step's few queries would fill one tile of 128).
@@ -74,6 +75,12 @@ REMAT_POLICIES = {
     "full": None,  # save nothing
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Between full and dots_no_batch: keep the attention block's results (q, k, v after RoPE and
+    # the attention output, `_layer`'s checkpoint names), recompute the MLP. Per token and layer
+    # that stores (2 H + 2 KV) x hd values instead of dots_no_batch's (H + 2 KV) hd + 2 mlp + 2 d
+    # (Qwen2-7B: 8 k instead of 50 k), and the backward pass never re-runs attention (the part
+    # that is not a plain matmul: fp32 scores for einsum, the kernel for flash).
+    "attention": jax.checkpoint_policies.save_only_these_names("qkv", "attention_out"),
 }
 
 
@@ -232,14 +239,15 @@ def _layer(x, w: dict[str, Any], kv_cache, *, cfg: Qwen2Config, dtype, positions
   b, t, _ = x.shape
   h, hd = cfg.num_heads, cfg.hd
   c = lambda a: a.astype(dtype)
-  q, k, v = attention_inputs(x, w, cfg=cfg, dtype=dtype, positions=positions)
+  q, k, v = (checkpoint_name(a, "qkv") for a in
+             attention_inputs(x, w, cfg=cfg, dtype=dtype, positions=positions))
   new_kv = None
   if kv_cache is not None:
     k_all = jax.lax.dynamic_update_slice(kv_cache[0], k, (0, cache_index, 0, 0))
     v_all = jax.lax.dynamic_update_slice(kv_cache[1], v, (0, cache_index, 0, 0))
     new_kv, k, v = (k_all, v_all), k_all, v_all
-  o = attn.attend(q, k, v, mask, implementation=implementation,
-                  structure=structure).reshape(b, t, h * hd)
+  o = checkpoint_name(attn.attend(q, k, v, mask, implementation=implementation,
+                                  structure=structure), "attention_out").reshape(b, t, h * hd)
   x = x + o @ c(w["o_kernel"])
   y = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
   if cfg.fuse_projections:
