@@ -137,7 +137,9 @@ def test_multiple_choice_above_chance_trained_and_at_chance_random(tmp_path, cap
   acc = {}
   for name, extra in runs.items():
     wd = str(tmp_path / name)
-    subprocess.run([sys.executable, "-m", "mmar_jax", "train", "--config", os.path.join(ROOT, "configs/demo.py"),
+    # One CPU device, as the demo runs on a laptop (its mesh is 1,1,1; the session has 8).
+    subprocess.run([sys.executable, "-m", "mmar_jax", "train", "--cpu-devices", "1", "--config",
+                    os.path.join(ROOT, "configs/demo.py"),
                     "--workdir", wd, "--config.eval.at_end=false", *extra], cwd=ROOT,
                    env=subprocess_env(TQDM_DISABLE="1"), check=True, capture_output=True, timeout=1800)
     capsys.readouterr()
