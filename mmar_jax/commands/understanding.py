@@ -140,7 +140,7 @@ def compile_likelihood(run, model, batch_size: int) -> shares.RowProgram:
   size, lt = mc.image["size"], mc.max_text_len
 
   def likelihood(state, images, text, text_len, start, length):
-    tokens = nnx.merge(graphdef, state).image_tokenizer.encode(images)[0]
+    tokens = nnx.merge(graphdef, state).encode_tokens(images)  # normalised, as training saw them
     return _log_likelihood(graphdef, state, tokens, text, text_len, start, length)
 
   rows = (jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
