@@ -116,6 +116,10 @@ BENCH = {
                         ("caption", "image-to-text tokens/s (KV-cached decoding)"),
                         ("convert", "hf-to-jax + jax-to-hf time of a random checkpoint"))
 }
+BENCH["train"] = (bench.cli_bench, lambda p: (_bench_args(p), p.set_defaults(what="train"),
+                                             p.add_argument("--profile", type=int, default=0, metavar="N", help=(
+                                                 "trace two more steps; report the N operations that took most time"))),
+                  BENCH["train"][2])
 BENCH["torch-train"] = (bench_torch.cli_bench_torch, _bench_torch_args,
                         "the same train step in PyTorch eager (CPU reference), same keys")
 BENCH["memory"] = (bench_memory.cli_bench_memory, _bench_memory_args,

@@ -188,3 +188,40 @@ def test_qwen2_backbone_with_the_kernel():
   step = lambda m: m(m.embed(ids[:, :1]), pos[:, :1], seg[:, :1], blk[:, :1],
                      cache=m.init_cache(2, 4), cache_index=0)[0]
   np.testing.assert_allclose(np.asarray(step(ref)), np.asarray(step(fused)), atol=1e-6)
+
+
+def _fused_vs_einsum(implementation: str):
+  """Max |difference| of values and gradients from the fp32 einsum on bf16 inputs: of the named
+  `jax.nn.dot_product_attention` implementation, and of the einsum path run in bf16 (the
+  rounding every bf16 attention pays), over every layout and both head layouts."""
+  seg, blk = structure(*[row + [("pad", 32 - sum(n for _, n in row))] for rows in LAYOUTS.values()
+                         for row in rows])
+  mask = attn.structure_mask(seg, blk, seg, blk)
+  f32 = lambda x: x.astype(jnp.float32)
+  found = {}
+  for name, (h, kv) in HEADS.items():
+    q, k, v, cot = _inputs(seg, h, kv, hd=64, dtype=jnp.bfloat16)
+    run = lambda fn, *a: jax.jit(lambda *a: _value_and_grads(fn, *a))(*a, cot, seg, blk)
+    ref = run(lambda q, k, v, s, b: attn.attend(q, k, v, mask), f32(q), f32(k), f32(v))
+    diffs = {}
+    for impl in ("einsum", implementation):
+      out, grads = run(lambda q, k, v, s, b, impl=impl: attn.attend(q, k, v, mask, implementation=impl),
+                       q, k, v)
+      assert np.isfinite(np.asarray(f32(out))).all()
+      assert not np.asarray(f32(out))[np.asarray(seg) == 0].any()  # padding queries: zeros
+      diffs[impl] = [float(jnp.max(jnp.abs(f32(a) - f32(b)))) for a, b in zip((out, *grads),
+                                                                                (ref[0], *ref[1]))]
+    found[name] = diffs
+  return found
+
+
+def test_cudnn_matches_einsum_on_gpu():
+  """`model.attention = cudnn` (what launch/gpu_bench.sh times) computes MMAR's mask: within
+  twice the bf16 einsum's own error of the fp32 reference, values and dq, dk, dv."""
+  if jax.default_backend() != "gpu":
+    pytest.skip("cuDNN attention needs an NVIDIA GPU (CPU runs use einsum)")
+  for name, diffs in _fused_vs_einsum("cudnn").items():
+    print(f"{name}: max |diff| from fp32 (out, dq, dk, dv): bf16 einsum {diffs['einsum']}, "
+          f"cudnn {diffs['cudnn']}")
+    for fused, own in zip(diffs["cudnn"], diffs["einsum"]):
+      assert fused <= 2 * own + 1e-3, diffs

@@ -1,10 +1,14 @@
 """`mmar-jax bench`: each benchmark runs and prints one JSON line with its keys."""
 
 import json
+import re
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from mmar_jax import cli
+from mmar_jax.commands.bench import profile_top
 
 KEYS = {"median_step_s", "compile_s", "tokens_per_s", "images_per_s", "mfu", "peak_bytes", "device"}
 
@@ -29,6 +33,20 @@ def test_bench_train_mfu_with_a_given_peak(capsys):
                  "--config.mesh=1,-1,1", "--config.peak_flops=1e12"])
   result = json.loads([l for l in capsys.readouterr().out.splitlines() if l.startswith("{")][0])
   assert rc == 0 and 0 < result["mfu"] < 1
+
+
+def test_profile_names_the_compiled_programs_operations():
+  """`bench train --profile`'s table: every operation it names is an instruction of the
+  compiled program (read from its HLO), ranked by time, with shares of the summed op time."""
+  fn = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(0) + jnp.cumsum(x, 0)[-1])
+  x = jnp.ones((256, 256))
+  hlo_names = set(re.findall(r"%?([\w.\-]+) = ", fn.lower(x).compile().as_text()))
+  report = profile_top(lambda: fn(x), calls=2, top=5)
+  ops = report["ops"]
+  assert ops and report["total_ms"] > 0
+  assert {op["name"] for op in ops} <= hlo_names, ({op["name"] for op in ops}, hlo_names)
+  assert [op["ms_per_step"] for op in ops] == sorted((op["ms_per_step"] for op in ops), reverse=True)
+  assert 0 < sum(op["share"] for op in ops) <= 1 + 1e-9
 
 
 TINY_BENCH = ["--config.model.backbone.vocab_size=512", "--config.model.backbone.hidden_size=32",

@@ -4,10 +4,14 @@ Timings are medians over timed steps after warm-up; `compile_s` is the ahead-of-
 the measured program; `mfu` is the analytic FLOP count of the step as computed (train/flops.py;
 `full_flops_per_step`: the same step with the LM head and the diffusion head on every position and
 row) over the device's dense bf16 peak (null where unknown, e.g. CPU, unless `--config.peak_flops` is given).
+`bench train --profile N` also traces two more steps with jax's profiler and reports the N
+operations (GPU kernels, TPU ops; XLA's CPU thunks on CPU) that took the most device time.
 """
 
 from __future__ import annotations
 
+import collections
+import glob
 import json
 import os
 import resource
@@ -61,7 +65,42 @@ def _peak_bytes(compiled) -> int | None:
              - mem.alias_size_in_bytes)
 
 
-def bench_train(config, steps: int = 10, warmup: int = 3) -> dict:
+def profile_top(run, calls: int = 2, top: int = 15) -> dict:
+  """Traces `calls` calls of `run` and returns the `top` operations by summed duration: events of
+  the device planes (one per accelerator), or on CPU of XLA's own threads. Shares are of the
+  summed time of all such events (streams overlap, so the sum can exceed wall time)."""
+  out = tempfile.mkdtemp()
+  try:
+    with jax.profiler.trace(out):
+      for _ in range(calls):
+        jax.block_until_ready(run())
+    (path,) = glob.glob(os.path.join(out, "**", "*.xplane.pb"), recursive=True)
+    planes = list(jax.profiler.ProfileData.from_file(path).planes)
+  finally:
+    shutil.rmtree(out, ignore_errors=True)
+  device = [p for p in planes if p.name.startswith("/device:")]
+  if device:  # per-op lines where the profiler derives them (TPU, newer GPU), else the streams
+    lines = [line for p in device for line in p.lines]
+    ops = [line for line in lines if line.name == "XLA Ops"]
+    lines = ops or [line for line in lines if line.name.startswith("Stream")] or lines
+  else:  # XLA:CPU: its worker threads, without the executor's own bookkeeping events
+    lines = [line for p in planes if p.name == "/host:CPU" for line in p.lines
+             if line.name.startswith("tf_XLA")]
+  total, count = collections.Counter(), collections.Counter()
+  for line in lines:
+    for e in line.events:
+      if e.duration_ns > 0 and (device or "::" not in e.name):
+        total[e.name] += e.duration_ns
+        count[e.name] += 1
+  whole = sum(total.values()) or 1.0
+  return dict(
+      source="device: " + ", ".join(sorted({line.name for line in lines}))[:200] if device
+      else "XLA:CPU threads", calls=calls, total_ms=whole / 1e6 / calls,
+      ops=[dict(name=name[:160], ms_per_step=ns / 1e6 / calls, share=ns / whole, count=count[name] // calls)
+           for name, ns in total.most_common(top)])
+
+
+def bench_train(config, steps: int = 10, warmup: int = 3, profile: int = 0) -> dict:
   mcfg = model_config(config, load_text_tokenizer(config.text_tokenizer))
   tr = build(config, mcfg, make_mesh(config.mesh, config.mesh_dcn))
   state = init_state(tr)
@@ -79,6 +118,12 @@ def bench_train(config, steps: int = 10, warmup: int = 3) -> dict:
     if i >= warmup:
       times.append(time.perf_counter() - t)
   med = statistics.median(times)
+  if profile:
+    def run():
+      nonlocal state
+      state, m = compiled(state, batch)
+      return m["loss"]
+    profiled = profile_top(run, top=profile)
   b = config.train.batch_size
   flops = flops_lib.train_step_flops(mcfg, config)
   peak = peak_flops(override=config.peak_flops)
@@ -93,7 +138,8 @@ def bench_train(config, steps: int = 10, warmup: int = 3) -> dict:
       xla_flops_per_step=float(cost.get("flops", float("nan"))) if cost else None,
       loss=float(metrics["loss"]), steps=steps, batch_size=b,
       compute_dtype=mcfg.backbone.compute_dtype, device=jax.devices()[0].device_kind,
-      backend=jax.default_backend(), device_count=jax.device_count())
+      backend=jax.default_backend(), device_count=jax.device_count(),
+      **(dict(profile=profiled) if profile else {}))
 
 
 def _model(config, seed: int = 0):
@@ -191,7 +237,8 @@ def cli_bench(args) -> int:
   token_stats.shapes_only(config)
   runners = {"train": bench_train, "generate": bench_generate, "caption": bench_caption,
              "convert": bench_convert}
-  result = runners[args.what](config, steps=args.steps)
+  profile = getattr(args, "profile", 0)  # `bench train` only
+  result = runners[args.what](config, steps=args.steps, **(dict(profile=profile) if profile else {}))
   print(json.dumps(result, sort_keys=True))
   return 0
 
