@@ -55,11 +55,12 @@ def test_values_match_log_softmax(num_tiles):
   assert rel.max() < 1e-6, rel.max()
 
 
-@pytest.mark.parametrize("num_tiles", [1, 4, 7])
-def test_grads_match_log_softmax(num_tiles):
+@pytest.mark.parametrize("num_tiles, unroll", [(1, False), (4, False), (7, False), (7, True)])
+def test_grads_match_log_softmax(num_tiles, unroll):
+  """`unroll` (the cost compiles' straight-line tiles) against the same reference."""
   hidden, w, targets, weights = _inputs()
   tiled = lambda h, w_, t: tiled_cross_entropy(h, w_, t, num_tiles=num_tiles,
-                                               compute_dtype=jnp.float32)
+                                               compute_dtype=jnp.float32, unroll=unroll)
   got = jax.grad(_weighted(tiled, weights), argnums=(0, 1))(hidden, w, targets)
   ref = jax.grad(_weighted(_reference, weights), argnums=(0, 1))(hidden, w, targets)
   for g, r in zip(got, ref):

@@ -116,7 +116,7 @@ def abstract_batch(config, mcfg, sharding) -> dict:
               text_len=s((b,), jnp.int32), kind=s((b,), jnp.int32), index=s((b,), jnp.int32))
 
 
-def compile_step(config, devices):
+def compile_step(config, devices, compiler_options=None):
   """(trainer, abstract state, abstract batch, compiled step) without allocating the state."""
   mcfg = model_config(config, text_tokenizer(config))
   mesh = make_mesh(config.mesh, config.mesh_dcn, devices)
@@ -124,7 +124,7 @@ def compile_step(config, devices):
   state = abstract_train_state(tr)
   batch = abstract_batch(config, mcfg, tr.batch_sharding)
   with jax.set_mesh(mesh), sharding.use_rules(config.sharding_rules):
-    compiled = make_train_step(tr).jitted.lower(state, batch).compile()
+    compiled = make_train_step(tr).jitted.lower(state, batch).compile(compiler_options)
   return tr, state, batch, compiled
 
 

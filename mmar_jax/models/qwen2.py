@@ -137,7 +137,10 @@ class Qwen2(nnx.Module):
       logp = jax.nn.log_softmax(self.logits(hidden))
       return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-    return tiled_cross_entropy(hidden, w, targets, num_tiles=vocab_tiles, compute_dtype=self.dtype)
+    # Without scan_layers the tiles are unrolled too: the cost compiles of `bench memory` count
+    # every loop body once, so they need straight-line code (bench_cost.py).
+    return tiled_cross_entropy(hidden, w, targets, num_tiles=vocab_tiles, compute_dtype=self.dtype,
+                               unroll=not self.cfg.scan_layers)
 
   def init_cache(self, batch: int, length: int) -> dict:
     """An empty KV cache; unwritten slots have segment id 0, so they are never attended."""

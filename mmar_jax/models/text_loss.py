@@ -18,13 +18,15 @@ import jax.numpy as jnp
 
 
 def tiled_cross_entropy(hidden: jax.Array, w: jax.Array, targets: jax.Array, *, num_tiles: int,
-                        compute_dtype) -> jax.Array:
+                        compute_dtype, unroll: bool = False) -> jax.Array:
   """Per-row cross-entropy fp32 [R]: logsumexp(logits) - logits[target], never forming logits.
 
   The logits are those of `Qwen2.logits`: `jnp.dot(hidden.astype(compute_dtype),
   w.astype(compute_dtype), preferred_element_type=jnp.float32)`, with hidden [R, D], the LM-head
   kernel w [D, V] (embed.T for tied embeddings) and int targets [R] in [0, V). num_tiles need not
-  divide V. Gradients come back in hidden's and w's dtypes; targets get none.
+  divide V. Gradients come back in hidden's and w's dtypes; targets get none. `unroll`: the tiles
+  as straight-line code rather than a loop (same values; XLA's cost analysis, which counts a
+  loop's body once, then sees every tile).
   """
   if hidden.ndim != 2 or w.ndim != 2 or hidden.shape[1] != w.shape[0]:
     raise ValueError(f"need hidden [R, D] and w [D, V]; got {hidden.shape} and {w.shape}")
@@ -32,7 +34,8 @@ def tiled_cross_entropy(hidden: jax.Array, w: jax.Array, targets: jax.Array, *, 
     raise ValueError(f"targets {targets.shape} do not match hidden rows {hidden.shape[:1]}")
   if int(num_tiles) < 1:
     raise ValueError(f"num_tiles must be >= 1, got {num_tiles}")
-  return _tiled_ce(hidden, w, targets.astype(jnp.int32), int(num_tiles), jnp.dtype(compute_dtype))
+  return _tiled_ce(hidden, w, targets.astype(jnp.int32), int(num_tiles), jnp.dtype(compute_dtype),
+                   bool(unroll))
 
 
 def _tiling(vocab: int, num_tiles: int) -> tuple[int, int]:
@@ -63,7 +66,7 @@ def _tile_logits(h_c, w, targets, i, tile, compute_dtype):
   return logits, w_t, start, own, is_target
 
 
-def _forward(hidden, w, targets, num_tiles, compute_dtype):
+def _forward(hidden, w, targets, num_tiles, compute_dtype, unroll):
   tile, n = _tiling(w.shape[1], num_tiles)
   h_c = hidden.astype(compute_dtype)
   rows = hidden.shape[0]
@@ -82,23 +85,23 @@ def _forward(hidden, w, targets, num_tiles, compute_dtype):
 
   init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
           jnp.zeros((rows,), jnp.float32))
-  (run_max, run_sum, target_logit), _ = jax.lax.scan(step, init, jnp.arange(n))
+  (run_max, run_sum, target_logit), _ = jax.lax.scan(step, init, jnp.arange(n), unroll=unroll)
   lse = run_max + jnp.log(run_sum)
   return lse - target_logit, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _tiled_ce(hidden, w, targets, num_tiles, compute_dtype):
-  return _forward(hidden, w, targets, num_tiles, compute_dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _tiled_ce(hidden, w, targets, num_tiles, compute_dtype, unroll):
+  return _forward(hidden, w, targets, num_tiles, compute_dtype, unroll)[0]
 
 
-def _tiled_ce_fwd(hidden, w, targets, num_tiles, compute_dtype):
-  loss, lse = _forward(hidden, w, targets, num_tiles, compute_dtype)
+def _tiled_ce_fwd(hidden, w, targets, num_tiles, compute_dtype, unroll):
+  loss, lse = _forward(hidden, w, targets, num_tiles, compute_dtype, unroll)
   # Only [R]-sized lse beyond the inputs: the tiles' logits are recomputed in the backward.
   return loss, (hidden, w, targets, lse)
 
 
-def _tiled_ce_bwd(num_tiles, compute_dtype, res, g):
+def _tiled_ce_bwd(num_tiles, compute_dtype, unroll, res, g):
   hidden, w, targets, lse = res
   tile, n = _tiling(w.shape[1], num_tiles)
   h_c = hidden.astype(compute_dtype)
@@ -121,7 +124,7 @@ def _tiled_ce_bwd(num_tiles, compute_dtype, res, g):
     return (d_hidden, d_w), None
 
   init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(w.shape, w.dtype))
-  (d_hidden, d_w), _ = jax.lax.scan(step, init, jnp.arange(n))
+  (d_hidden, d_w), _ = jax.lax.scan(step, init, jnp.arange(n), unroll=unroll)
   return d_hidden.astype(hidden.dtype), d_w, None
 
 
