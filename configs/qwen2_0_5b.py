@@ -3,6 +3,8 @@
 The two-stage recipe (method.md §5-6) as variants:
   qwen2_0_5b.py:stage1  mask ratio in [0.7, 1] (MAR's truncated normal), large medium-quality data
   qwen2_0_5b.py:stage2  mask ratio uniform on [0, 1], small high-quality data; set init from stage 1
+`_v5p` after either (qwen2_0_5b.py:stage1_v5p) picks the layout for v5p-8 (README, "Recipes on
+real slices").
 Set init.backbone to an `hf-to-jax` output (or a HuggingFace directory), init.vae to a
 `convert mar-vae` output, text_tokenizer to the Qwen2 tokenizer directory, data.source to your data.
 """
@@ -36,13 +38,23 @@ def full_scale(c):
   c.data.random_flip = True
 
 
-def stage(c, arg):
-  if arg in (None, "", "stage1"):
-    c.loss.mask_ratio = "stage1"
-  elif arg == "stage2":
-    c.loss.mask_ratio = "stage2"
-  else:
-    raise ValueError(f"unknown variant {arg!r}: use stage1 or stage2")
+def stage(c, arg, layouts=None):
+  """`stage1` / `stage2`, optionally with a slice layout after `_` (`stage1_v5p`): the remat
+  policy and attention chosen for that chip by the TPU compiler's numbers (README, "Recipes on
+  real slices"); `layouts` maps a chip name to (remat, attention)."""
+  name, _, layout = (arg or "").partition("_")
+  layouts = layouts or {}
+  choices = ["stage1", "stage2"] + [f"{s}_{l}" for s in ("stage1", "stage2") for l in layouts]
+  if name not in ("", "stage1", "stage2") or (layout and layout not in layouts):
+    raise ValueError(f"unknown variant {arg!r}: use {', '.join(choices)}")
+  c.loss.mask_ratio = name or "stage1"
+  if layout:
+    c.model.remat, c.model.attention = layouts[layout]
+
+
+# By the compiler (README table): v5p-8 (4 chips, 64 sequences each) fits dots_no_batch remat with
+# the fused kernel; no remat does not fit there (105 GB of 95).
+LAYOUTS = {"v5p": ("dots_no_batch", "flash")}
 
 
 def get_config(arg=None):
@@ -52,5 +64,5 @@ def get_config(arg=None):
   full_scale(c)
   c.steps = 200_000
   c.train.batch_size = 256
-  stage(c, arg)
+  stage(c, arg, LAYOUTS)
   return c

@@ -73,17 +73,19 @@ def test_stage2_compiles_the_stage1_program(config):
   assert {k for k in one.keys() | two.keys() if one.get(k) != two.get(k)} == {"loss.mask_ratio"}
 
 
+@pytest.mark.parametrize("config, layout", [("qwen2_7b", ("none", "flash")),
+                                            ("qwen2_0_5b", ("dots_no_batch", "flash"))])
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
-def test_7b_v5p_variant_changes_remat_and_attention_only(stage):
-  """qwen2_7b.py:<stage>_v5p is the README's v5p-64 layout: the same run with remat=none and the
-  fused kernel, nothing else."""
+def test_v5p_variant_changes_remat_and_attention_only(config, layout, stage):
+  """<config>:<stage>_v5p is the README's v5p layout: the same run with the remat policy and
+  attention the compiled table chose, nothing else; an unknown layout is refused by name."""
   from mmar_jax.config import load_file
-  base = dict(_flatten(load_file(os.path.join(ROOT, f"configs/qwen2_7b.py:{stage}")).to_dict()))
-  v5p = dict(_flatten(load_file(os.path.join(ROOT, f"configs/qwen2_7b.py:{stage}_v5p")).to_dict()))
-  assert {k for k in base if base[k] != v5p[k]} == {"model.remat", "model.attention"}
-  assert (v5p["model.remat"], v5p["model.attention"]) == ("none", "flash")
+  base = dict(_flatten(load_file(os.path.join(ROOT, f"configs/{config}.py:{stage}")).to_dict()))
+  v5p = dict(_flatten(load_file(os.path.join(ROOT, f"configs/{config}.py:{stage}_v5p")).to_dict()))
+  assert {k for k in base if base[k] != v5p[k]} <= {"model.remat", "model.attention"}
+  assert (v5p["model.remat"], v5p["model.attention"]) == layout
   with pytest.raises(ValueError, match="stage1_v5p"):
-    load_file(os.path.join(ROOT, "configs/qwen2_7b.py:stage1_v6"))
+    load_file(os.path.join(ROOT, f"configs/{config}.py:stage1_v6"))
 
 
 def _flatten(d, prefix=""):
