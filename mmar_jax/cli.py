@@ -100,6 +100,12 @@ def _bench_args(p):
   p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
 
 
+def _bench_train_args(p):
+  _bench_args(p)
+  p.add_argument("--profile", type=int, default=0, metavar="N",
+                 help="trace two more steps; report the N operations that took most time")
+
+
 def _bench_torch_args(p):
   _bench_args(p)
   p.add_argument("--compile", action="store_true", help="wrap forward + loss in torch.compile")
@@ -116,9 +122,7 @@ BENCH = {
                         ("caption", "image-to-text tokens/s (KV-cached decoding)"),
                         ("convert", "hf-to-jax + jax-to-hf time of a random checkpoint"))
 }
-BENCH["train"] = (bench.cli_bench, lambda p: (_bench_args(p), p.set_defaults(what="train"),
-                                             p.add_argument("--profile", type=int, default=0, metavar="N", help=(
-                                                 "trace two more steps; report the N operations that took most time"))),
+BENCH["train"] = (bench.cli_bench, lambda p: (_bench_train_args(p), p.set_defaults(what="train")),
                   BENCH["train"][2])
 BENCH["torch-train"] = (bench_torch.cli_bench_torch, _bench_torch_args,
                         "the same train step in PyTorch eager (CPU reference), same keys")

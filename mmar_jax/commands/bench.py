@@ -237,8 +237,8 @@ def cli_bench(args) -> int:
   token_stats.shapes_only(config)
   runners = {"train": bench_train, "generate": bench_generate, "caption": bench_caption,
              "convert": bench_convert}
-  profile = getattr(args, "profile", 0)  # `bench train` only
-  result = runners[args.what](config, steps=args.steps, **(dict(profile=profile) if profile else {}))
+  extra = dict(profile=args.profile) if args.what == "train" else {}
+  result = runners[args.what](config, steps=args.steps, **extra)
   print(json.dumps(result, sort_keys=True))
   return 0
 

@@ -91,14 +91,14 @@ def loop_count(hlo_text: str) -> int:
 def layer_extrapolated_cost(config, devices, compile_step) -> dict:
   """FLOPs and bytes of the whole step from unrolled 1- and 2-layer compiles (see above)."""
   layers = int(config.model.backbone.num_layers)
+  options = NO_COMPILER_LOOPS if devices[0].platform == "tpu" else None
   costs, loops = [], []
   for n in (1, 2):
     small = copy.deepcopy(config)
     small.model.backbone.num_layers = n
     small.model.scan_layers = False
     t0 = time.perf_counter()
-    tpu = devices[0].platform == "tpu"
-    compiled = compile_step(small, devices, NO_COMPILER_LOOPS if tpu else None)[3]
+    compiled = compile_step(small, devices, options)[3]
     costs.append(compiled_cost(compiled))
     loops.append(loop_count(compiled.as_text()))
     # Progress on stderr (stdout is the report's one line): each compile takes minutes.
